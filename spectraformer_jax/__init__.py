@@ -1,0 +1,1 @@
+"""spectraformer-jax: random-feature attention phi(x) = f(W x) for JAX and Flax."""

@@ -1,0 +1,141 @@
+"""The one table of names -> implementations, with validation and helpful errors.
+
+A random-feature attention is named by a *component function* ``f`` and a *weight
+matrix* ``W`` (``phi(x) = f(W x)``); see ``design.md`` section 3 for the names.
+
+Contracts (everything downstream relies on these and nothing else):
+
+``WeightSpec``
+  * ``init(key, num_features, dim) -> (params, buffers)``: ``params`` are trainable
+    (empty dict for fixed matrices), ``buffers`` are non-trainable arrays (for fixed
+    matrices ``{"W": float32[num_features, dim]}``). Works under ``jax.jit`` with a
+    traced key and static ``num_features``/``dim``.
+  * ``matrix(params, buffers) -> float32[num_features, dim]``: differentiable in
+    ``params``.
+
+``ComponentSpec``
+  * ``features(x, y, W, *, x_mask=None, y_mask=None, params=None, stabilize=True)
+    -> (phi_x, phi_y)``: ``x`` float[..., n, d] (queries, already scaled by
+    ``d**-0.25``), ``y`` float[..., l, d] (keys, scaled likewise), ``W``
+    float32[m, d]; masks are bool[..., n] / bool[..., l] (True = real token).
+    Returns float32 ``phi_x[..., n, F]`` and ``phi_y[..., l, F]`` with
+    ``F = feature_dim(m)``; rows of ``phi_y`` at masked keys are zero. With
+    ``stabilize=False``, ``phi_x @ phi_y.T`` estimates ``exp(x . y)`` (unbiased
+    where ``unbiased``); with ``stabilize=True`` the estimate is scaled by a
+    positive constant per query row times one constant per leading index (head),
+    which cancels in the attention normalisation.
+  * ``feature_dim(m) -> F``; ``init_params(key, dim) -> params`` for learnable
+    component parameters, or ``None`` when the component has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+from spectraformer_jax import components
+from spectraformer_jax import learned
+from spectraformer_jax import weights
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+  """A weight matrix W: how it is drawn (or parameterised) and materialised."""
+  name: str
+  init: Callable[..., tuple[Params, Params]]
+  matrix: Callable[[Params, Params], Any]
+  learnable: bool
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+  """A component function f: features of both sides and their properties."""
+  name: str
+  features: Callable[..., tuple[Any, Any]]
+  feature_dim: Callable[[int], int]
+  init_params: Optional[Callable[..., Params]]
+  positive: bool
+  unbiased: bool
+  description: str
+
+
+def _fixed(name: str, generator: Callable[..., Any], description: str) -> WeightSpec:
+  """Wraps a keyed generator ``generator(key, m, d, **kw) -> W`` as a WeightSpec."""
+
+  def init(key, num_features: int, dim: int, **kwargs):
+    return {}, {"W": generator(key, num_features, dim, **kwargs)}
+
+  return WeightSpec(name, init, lambda params, buffers: buffers["W"], False, description)
+
+
+# Weight matrices (owned by weights.py / learned.py). Aliases map to the same spec.
+WEIGHTS: dict[str, WeightSpec] = {
+    "iid": _fixed("iid", weights.iid, "i.i.d. Gaussian rows, omega ~ N(0, I)."),
+    "orf": _fixed("orf", weights.orf, "Orthogonal blocks with chi(d) row norms (norm='fixed': sqrt(d))."),
+    "sorf": _fixed("sorf", weights.sorf, "Structured orthogonal: sqrt(d) H D1 H D2 H D3."),
+    "scrf": _fixed("scrf", weights.scrf, "Signed circulant random features."),
+    "rom": _fixed("rom", weights.rom, "Random orthogonal via Hadamard products (S-Hybrid)."),
+    "simrf": _fixed("simrf", weights.simrf, "Simplex random features."),
+    "qmc": _fixed("qmc", weights.qmc, "Randomised Sobol/Halton points through the normal inverse CDF."),
+    "mm": _fixed("mm", weights.mm, "Moment matching: centred and whitened Gaussian sample."),
+    "sgq": _fixed("sgq", weights.sgq, "Sparse-grid Gauss-Hermite quadrature nodes."),
+    "fastfood": _fixed("fastfood", weights.fastfood, "Fastfood S H G Pi H B, fixed."),
+    "fastfoodl": WeightSpec("fastfoodl", learned.fastfoodl_init, learned.fastfoodl_matrix, True,
+                            "Fastfood with learnable S, G, B."),
+    "gmm": WeightSpec("gmm", learned.gmm_init, learned.gmm_matrix, True,
+                      "Learnable Gaussian-mixture spectral density (reparameterised)."),
+}
+WEIGHT_ALIASES: dict[str, str] = {"gaus": "iid"}
+
+# Component functions (owned by components.py / stats.py).
+COMPONENTS: dict[str, ComponentSpec] = {}
+
+# (component, weight) pairs that make no sense -> the reason.
+REFUSED_PAIRS: dict[tuple[str, str], str] = {}
+
+
+def _unknown(kind: str, name: Any, valid: list[str]) -> ValueError:
+  return ValueError(f"Unknown {kind} {name!r}. Valid {kind}s: {', '.join(sorted(valid))}.")
+
+
+def weight_names() -> list[str]:
+  """All weight-matrix names, aliases included."""
+  return sorted([*WEIGHTS, *WEIGHT_ALIASES])
+
+
+def component_names() -> list[str]:
+  """All component-function names."""
+  return sorted(COMPONENTS)
+
+
+def get_weight(name: str) -> WeightSpec:
+  """Returns the WeightSpec for ``name`` (aliases resolved); ValueError if unknown."""
+  key = WEIGHT_ALIASES.get(name, name) if isinstance(name, str) else name
+  if key not in WEIGHTS:
+    raise _unknown("weight matrix", name, weight_names())
+  return WEIGHTS[key]
+
+
+def get_component(name: str) -> ComponentSpec:
+  """Returns the ComponentSpec for ``name``; ValueError if unknown."""
+  if name not in COMPONENTS:
+    raise _unknown("component function", name, component_names())
+  return COMPONENTS[name]
+
+
+def check_pair(component: str, weight: str) -> tuple[ComponentSpec, WeightSpec]:
+  """Validates a (component, weight) combination; ValueError names why it is refused."""
+  comp, spec = get_component(component), get_weight(weight)
+  reason = REFUSED_PAIRS.get((comp.name, spec.name))
+  if reason is not None:
+    raise ValueError(f"The combination component={component!r}, weight={weight!r} is refused: {reason}")
+  return comp, spec
+
+
+def valid_pairs() -> list[tuple[str, str]]:
+  """Every allowed (component, weight) pair, aliases excluded."""
+  return [(c, w) for c in sorted(COMPONENTS) for w in sorted(WEIGHTS)
+          if (c, w) not in REFUSED_PAIRS]
