@@ -91,9 +91,49 @@ WEIGHTS: dict[str, WeightSpec] = {
 WEIGHT_ALIASES: dict[str, str] = {"gaus": "iid"}
 
 # Component functions (owned by components.py / stats.py).
-COMPONENTS: dict[str, ComponentSpec] = {}
+def _same(m: int) -> int:
+  return m
 
-# (component, weight) pairs that make no sense -> the reason.
+
+def _double(m: int) -> int:
+  return 2 * m
+
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    "trigrf": ComponentSpec(
+        "trigrf", components.trigrf_features, _double, None, positive=False, unbiased=True,
+        description="exp(|x|^2/2)/sqrt(m) [cos Wx, sin Wx] (2m features); unbiased, not positive."),
+    "posrf": ComponentSpec(
+        "posrf", components.posrf_features, _same, None, positive=True, unbiased=True,
+        description="FAVOR+: exp(Wx - |x|^2/2)/sqrt(m); positive, unbiased."),
+    "oprf": ComponentSpec(
+        "oprf", components.oprf_features, _same, None, positive=True, unbiased=True,
+        description="Optimal positive RF: GERF(s=+1) with the variance-minimising A* per head "
+                    "from q/k statistics; positive, unbiased given A*."),
+    "gerf": ComponentSpec(
+        "gerf", components.gerf_features, _same, components.gerf_init_params, positive=True,
+        unbiased=True,
+        description="Generalised exponential RF, s=+1, learnable scalar A = 1/8 - softplus(raw) "
+                    "initialised at 0 (= PosRF); positive, unbiased for every A < 1/8."),
+    "sderf": ComponentSpec(
+        "sderf", components.sderf_features, _same, None, positive=True, unbiased=True,
+        description="Symmetric dense-exponential RF: eigenbasis of mean (x+y)(x+y)^T with a "
+                    "per-direction optimal A; positive, unbiased given the statistics."),
+    "aderf": ComponentSpec(
+        "aderf", components.aderf_features, _same, None, positive=True, unbiased=True,
+        description="Asymmetric dense-exponential RF (diagonal): Psi rescaling and a "
+                    "per-coordinate optimal A; positive, unbiased given the statistics."),
+    "saderf": ComponentSpec(
+        "saderf", components.saderf_features, _same, None, positive=True, unbiased=True,
+        description="Simplified ADERF: x -> Psi x, y -> Psi^-1 y, then OPRF; positive, "
+                    "unbiased given the statistics."),
+}
+
+# (component, weight) pairs that make no sense -> the reason.  Empty on purpose: every
+# component is a function of the projections W x only (plus |omega|^2 for the GERF/DERF
+# family, whose importance weight exp(A|omega|^2) is exact for any omega), so every weight
+# matrix yields a valid estimator; whether it is *unbiased* is a property of the weight
+# matrix's row distribution (see WeightSpec descriptions), not of the pair.
 REFUSED_PAIRS: dict[tuple[str, str], str] = {}
 
 

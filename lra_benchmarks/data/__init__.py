@@ -1,0 +1,63 @@
+"""LRA data: one module per task, a flat registry, and shared batching.
+
+>>> task = get_task("listops")
+>>> train = task.load("train")          # {"inputs": int32[N, 2000], "targets": int32[N]}
+
+See each module's docstring for its on-disk format and tokenisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+
+from lra_benchmarks.data.common import DataNotFoundError, MalformedDataError, SPLITS
+
+_MODULES = {"listops": "listops", "text": "text", "retrieval": "retrieval",
+            "image": "image", "pathfinder": "pathfinder"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One LRA task. ``padded``: token 0 is padding (mask ``inputs != 0``); when
+  False (image, pathfinder) pixel 0 is a real token and every position is real."""
+  name: str
+  vocab_size: int  # includes the pad id 0
+  num_classes: int
+  dual: bool  # two inputs ("inputs1", "inputs2"): retrieval
+  padded: bool
+  default_max_length: int
+
+  def load(self, split: str, *, data_dir: str | None = None, max_length: int | None = None,
+           **options) -> dict[str, np.ndarray]:
+    """``split`` in {"train", "validation", "test"} -> {"inputs": int32[N, L] (retrieval:
+    "inputs1", "inputs2"), "targets": int32[N]}, 0-padded to exactly L = max_length
+    (default ``default_max_length``; pathfinder: resolution ** 2)."""
+    module = importlib.import_module(f"lra_benchmarks.data.{_MODULES[self.name]}")
+    return module.load(split, data_dir=data_dir, max_length=max_length, **options)
+
+
+TASKS: dict[str, Task] = {
+    "listops": Task("listops", vocab_size=17, num_classes=10, dual=False, padded=True,
+                    default_max_length=2000),
+    "text": Task("text", vocab_size=257, num_classes=2, dual=False, padded=True,
+                 default_max_length=4000),
+    "retrieval": Task("retrieval", vocab_size=257, num_classes=2, dual=True, padded=True,
+                      default_max_length=4000),
+    "image": Task("image", vocab_size=256, num_classes=10, dual=False, padded=False,
+                  default_max_length=1024),
+    "pathfinder": Task("pathfinder", vocab_size=256, num_classes=2, dual=False, padded=False,
+                       default_max_length=1024),
+}
+
+
+def get_task(name: str) -> Task:
+  try:
+    return TASKS[name]
+  except KeyError:
+    raise ValueError(f"unknown LRA task {name!r}; valid names: {sorted(TASKS)}") from None
+
+
+__all__ = ["Task", "TASKS", "get_task", "SPLITS", "DataNotFoundError", "MalformedDataError"]

@@ -1,0 +1,7 @@
+"""Image with Spectraformer PosRF-SORF attention (m = 128 features)."""
+
+from configs import base, base_image
+
+
+def get_config():
+  return base.attention(base_image.get_config(), "spectraformer", component="posrf", weight="sorf")

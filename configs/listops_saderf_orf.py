@@ -1,0 +1,7 @@
+"""ListOps with Spectraformer SADERF-ORF attention (m = 128 features)."""
+
+from configs import base, base_listops
+
+
+def get_config():
+  return base.attention(base_listops.get_config(), "spectraformer", component="saderf", weight="orf")

@@ -1,0 +1,7 @@
+"""Retrieval with Spectraformer OPRF-QMC attention (m = 128 features)."""
+
+from configs import base, base_retrieval
+
+
+def get_config():
+  return base.attention(base_retrieval.get_config(), "spectraformer", component="oprf", weight="qmc")

@@ -1,0 +1,9 @@
+"""Text with softmax attention through jax.nn.dot_product_attention."""
+
+from configs import base, base_text
+
+
+def get_config():
+  config = base.attention(base_text.get_config(), "flash")
+  config.model.dtype = "bfloat16"  # cuDNN flash attention runs on bf16/fp16 inputs only
+  return config

@@ -1,0 +1,7 @@
+"""Text with Spectraformer SADERF-QMC attention (m = 128 features)."""
+
+from configs import base, base_text
+
+
+def get_config():
+  return base.attention(base_text.get_config(), "spectraformer", component="saderf", weight="qmc")

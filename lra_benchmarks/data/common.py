@@ -1,0 +1,91 @@
+"""Shared helpers for the LRA loaders: errors, paths, byte encoding, padding."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+
+CACHE_ENV = "SPECTRAFORMER_JAX_CACHE"
+"""Environment variable naming the cache root (default ``~/.cache/spectraformer_jax``)."""
+
+
+class DataNotFoundError(FileNotFoundError):
+  """Raised when a task's data is not where it was looked for."""
+
+
+class MalformedDataError(ValueError):
+  """Raised when a data file does not parse; the message names the file and line."""
+
+
+def check_split(split: str) -> str:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return split
+
+
+def cache_root() -> str:
+  root = os.environ.get(CACHE_ENV)
+  if not root:
+    root = os.path.join(os.path.expanduser("~"), ".cache", "spectraformer_jax")
+  return root
+
+
+def missing(task: str, tried: Iterable[str], how: str) -> DataNotFoundError:
+  tried = list(tried)
+  where = "\n".join(f"  - {p}" for p in tried)
+  return DataNotFoundError(
+      f"{task}: data not found. Looked for:\n{where}\nHow to obtain it: {how}")
+
+
+LRA_RELEASE_HOW = (
+    "download the LRA release archive (lra_release.gz, linked from the README of "
+    "google-research/long-range-arena), unpack it, and pass data_dir= pointing at the "
+    "folder named above (or at its parent).")
+
+
+def byte_encode(texts: Sequence[bytes | str], max_length: int,
+                        dtype=np.int32, truncate_bytes: int | None = None) -> np.ndarray:
+  """Byte-level ids as LRA: byte b -> b + 1 (vocab 257), padded with 0 to max_length."""
+  out = np.zeros((len(texts), max_length), dtype=dtype)
+  for i, t in enumerate(texts):
+    if isinstance(t, str):
+      t = t.encode("utf-8")
+    if truncate_bytes is not None:
+      t = t[:truncate_bytes]
+    t = t[:max_length]
+    n = len(t)
+    if n:
+      out[i, :n] = np.frombuffer(t, dtype=np.uint8).astype(dtype) + 1
+  return out
+
+
+def ragged_to_padded(flat: np.ndarray, lengths: np.ndarray, max_length: int,
+                     dtype=np.int32) -> np.ndarray:
+  """[sum(lengths)] tokens + per-row lengths -> [N, max_length], truncated, 0-padded."""
+  lengths = np.asarray(lengths, dtype=np.int64)
+  n = lengths.shape[0]
+  out = np.zeros((n, max_length), dtype=dtype)
+  if int(lengths.sum()) != flat.size:
+    raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {flat.size} tokens")
+  if n and lengths.max() <= max_length:
+    out[np.arange(max_length)[None, :] < lengths[:, None]] = flat  # row-major fill
+    return out
+  start = 0
+  for i, m in enumerate(lengths.tolist()):
+    k = min(m, max_length)
+    out[i, :k] = flat[start:start + k]
+    start += m
+  return out
+
+
+def resolve_max_length(max_length: int | None, default: int) -> int:
+  if max_length is None:
+    return default
+  max_length = int(max_length)
+  if max_length <= 0:
+    raise ValueError(f"max_length must be positive, got {max_length}")
+  return max_length

@@ -1,0 +1,76 @@
+"""Retrieval (ACL Anthology Network document matching), byte level as LRA.
+
+Files (LRA release ``tsv_data/``): ``new_aan_pairs.{train,eval,test}.tsv``, no
+header, five tab-separated fields: label, id1, id2, text1, text2 (no quoting:
+LRA reads them with ``use_quote_delim=False``). Label is 0/1 (written as an int
+or a float). Each text is truncated to 10000 bytes (as LRA), encoded byte b ->
+b + 1 (pad 0, vocab 257), cut to ``max_length`` (default 4000) per document.
+Splits: train / eval / test files -> "train" / "validation" / "test".
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from lra_benchmarks.data import common
+
+VOCAB_SIZE = 257
+NUM_CLASSES = 2
+DEFAULT_MAX_LENGTH = 4000
+_FILE = {"train": "train", "validation": "eval", "test": "test"}
+PREFIX = "new_aan_pairs"
+
+
+def find_dir(data_dir: str) -> str:
+  tried = []
+  for d in (data_dir, os.path.join(data_dir, "tsv_data"),
+            os.path.join(data_dir, "lra_release", "tsv_data")):
+    p = os.path.join(d, f"{PREFIX}.train.tsv")
+    tried.append(p)
+    if any(os.path.exists(os.path.join(d, f"{PREFIX}.{s}.tsv")) for s in _FILE.values()):
+      return d
+  raise common.missing("retrieval", tried, common.LRA_RELEASE_HOW)
+
+
+def read_tsv(path: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
+  with open(path, "rb") as f:
+    rows = f.read().split(b"\n")
+  t1, t2, labels = [], [], []
+  for i, row in enumerate(rows, start=1):
+    if row.endswith(b"\r"):
+      row = row[:-1]
+    if not row.strip():
+      continue
+    parts = row.split(b"\t")
+    if len(parts) != 5:
+      raise common.MalformedDataError(
+          f"{path}:{i}: expected 5 tab-separated fields (label, id1, id2, text1, text2), "
+          f"got {len(parts)}")
+    try:
+      lab = float(parts[0])
+    except ValueError:
+      raise common.MalformedDataError(
+          f"{path}:{i}: label {parts[0][:20]!r} is not a number") from None
+    if lab not in (0.0, 1.0):
+      raise common.MalformedDataError(f"{path}:{i}: label {lab} is not 0 or 1")
+    labels.append(int(lab)); t1.append(parts[3]); t2.append(parts[4])
+  return t1, t2, np.array(labels, dtype=np.int32)
+
+
+def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
+         dtype=np.int32) -> dict[str, np.ndarray]:
+  common.check_split(split)
+  L = common.resolve_max_length(max_length, DEFAULT_MAX_LENGTH)
+  if data_dir is None:
+    raise common.missing("retrieval", ["<data_dir not given>/tsv_data/new_aan_pairs.*.tsv"],
+                         common.LRA_RELEASE_HOW)
+  d = find_dir(data_dir)
+  p = os.path.join(d, f"{PREFIX}.{_FILE[split]}.tsv")
+  if not os.path.exists(p):
+    raise common.missing("retrieval", [p], common.LRA_RELEASE_HOW)
+  t1, t2, labels = read_tsv(p)
+  return {"inputs1": common.byte_encode(t1, L, dtype=dtype, truncate_bytes=10000),
+          "inputs2": common.byte_encode(t2, L, dtype=dtype, truncate_bytes=10000),
+          "targets": labels}

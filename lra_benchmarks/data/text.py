@@ -1,0 +1,98 @@
+"""Text (IMDB reviews), byte level as LRA.
+
+Tokens: UTF-8 bytes, byte b -> id b + 1 (tfds ``ByteTextEncoder``), pad 0,
+vocab 257; truncated to ``max_length`` (default 4000). Labels: 0 negative,
+1 positive. Splits as LRA: train = IMDB train (25000); validation = test =
+IMDB test (25000), since IMDB has no validation split.
+
+Sources: ``source="tfds"`` reads ``tfds.data_source("imdb_reviews")`` (no
+TensorFlow needed once the data is prepared; ``data_dir`` is the tfds data dir);
+``source="aclimdb"`` reads an ``aclImdb/`` folder (``{train,test}/{neg,pos}/*.txt``;
+``data_dir`` is that folder or its parent). ``source=None`` picks ``aclimdb`` when
+``data_dir`` holds such a folder, else ``tfds``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from lra_benchmarks.data import common
+
+VOCAB_SIZE = 257
+NUM_CLASSES = 2
+DEFAULT_MAX_LENGTH = 4000
+_IMDB_SPLIT = {"train": "train", "validation": "test", "test": "test"}
+
+TFDS_HOW = ("with internet access (and TensorFlow, which tfds needs to prepare "
+            "imdb_reviews), run tfds.builder('imdb_reviews', data_dir=...)"
+            ".download_and_prepare(file_format='array_record') once; or download the "
+            "aclImdb_v1.tar.gz archive of the Large Movie Review Dataset, unpack it and "
+            "pass data_dir=<folder holding aclImdb/> (source='aclimdb').")
+
+
+def find_aclimdb(data_dir: str) -> str | None:
+  for d in (data_dir, os.path.join(data_dir, "aclImdb")):
+    if os.path.isdir(os.path.join(d, "train")) and os.path.isdir(os.path.join(d, "test")):
+      return d
+  return None
+
+
+def _numeric_key(name: str):
+  m = re.match(r"(\d+)", name)
+  return (int(m.group(1)) if m else -1, name)
+
+
+def read_aclimdb(root: str, imdb_split: str) -> tuple[list[bytes], np.ndarray]:
+  """Reads ``root/{split}/{neg,pos}/*.txt`` (neg first, files by numeric id)."""
+  texts, labels = [], []
+  for label, sub in ((0, "neg"), (1, "pos")):
+    d = os.path.join(root, imdb_split, sub)
+    if not os.path.isdir(d):
+      raise common.missing("text", [d], TFDS_HOW)
+    for name in sorted((n for n in os.listdir(d) if n.endswith(".txt")), key=_numeric_key):
+      with open(os.path.join(d, name), "rb") as f:
+        texts.append(f.read())
+      labels.append(label)
+  return texts, np.array(labels, dtype=np.int32)
+
+
+def read_tfds(imdb_split: str, data_dir: str | None, download: bool = False):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    ds = tfds.data_source("imdb_reviews", split=imdb_split, data_dir=data_dir,
+                          download=download)
+  except Exception as e:  # tfds raises assorted errors for missing / TFRecord-only data
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    raise common.missing("text", [os.path.join(where, "imdb_reviews")],
+                         TFDS_HOW + f" (tfds said: {type(e).__name__}: {e})") from e
+  texts, labels = [], np.zeros(len(ds), dtype=np.int32)
+  for i in range(len(ds)):
+    ex = ds[i]
+    texts.append(ex["text"])  # bytes from real tfds data, str from mock data
+    labels[i] = int(ex["label"])
+  return texts, labels
+
+
+def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
+         source: str | None = None, download: bool = False,
+         dtype=np.int32) -> dict[str, np.ndarray]:
+  common.check_split(split)
+  L = common.resolve_max_length(max_length, DEFAULT_MAX_LENGTH)
+  imdb_split = _IMDB_SPLIT[split]
+  if source is None:
+    source = "aclimdb" if data_dir is not None and find_aclimdb(data_dir) else "tfds"
+  if source == "aclimdb":
+    if data_dir is None:
+      raise common.missing("text", ["<data_dir not given>/aclImdb"], TFDS_HOW)
+    root = find_aclimdb(data_dir)
+    if root is None:
+      raise common.missing("text", [os.path.join(data_dir, "aclImdb"), data_dir], TFDS_HOW)
+    texts, labels = read_aclimdb(root, imdb_split)
+  elif source == "tfds":
+    texts, labels = read_tfds(imdb_split, data_dir, download)
+  else:
+    raise ValueError(f"text: source must be 'tfds' or 'aclimdb', got {source!r}")
+  return {"inputs": common.byte_encode(texts, L, dtype=dtype), "targets": labels}

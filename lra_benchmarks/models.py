@@ -1,0 +1,239 @@
+"""LRA models: an encoder classifier and the retrieval dual encoder, attention chosen by config.
+
+The architecture follows the Spectraformer / Skyformer LRA setup: token and learned positional
+embeddings, pre-LayerNorm transformer blocks (attention, then a GELU MLP), a final LayerNorm,
+mean (over real tokens) or CLS pooling and a ReLU MLP head. The retrieval model encodes both
+documents with one shared encoder and classifies ``[u, v, u * v, u - v]``.
+
+Attention is ``spectraformer_jax.layers.RFMultiHeadDotProductAttention`` for every kind:
+``"softmax"`` (exact), ``"flash"`` (``jax.nn.dot_product_attention``) or ``"spectraformer"``
+(random features ``phi(x) = f(W x)`` with ``component``, ``weight`` and ``num_features``). A
+fixed W lives in the ``"random_features"`` collection, learnable W and component parameters
+in ``"params"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ATTENTION_KINDS = ("softmax", "flash", "spectraformer")
+POOLINGS = ("mean", "cls")
+REDRAWS = ("never", "always")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+_EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of the LRA models (``config.model`` plus the task's sizes)."""
+  vocab_size: int
+  num_classes: int
+  max_len: int
+  num_layers: int = 2
+  emb_dim: int = 64
+  num_heads: int = 2
+  qkv_dim: int = 64
+  mlp_dim: int = 128
+  classifier_dim: int = 128
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pooling: str = "mean"
+  attention: str = "softmax"
+  component: str = "posrf"
+  weight: str = "iid"
+  num_features: int = 128
+  redraw: str = "never"
+  dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, model_config: Any, *, vocab_size: int, num_classes: int,
+                  max_len: int) -> "ModelConfig":
+    """Builds from a ``config.model`` ConfigDict (unknown fields like ``redraw_every`` ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
+    return cls(vocab_size=vocab_size, num_classes=num_classes, max_len=max_len, **kwargs)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the offending ``config.model`` field."""
+    def bad(field, value, why):
+      raise ValueError(f"config.model.{field}={value!r}: {why}")
+    if self.attention not in ATTENTION_KINDS:
+      bad("attention", self.attention, f"must be one of {ATTENTION_KINDS}")
+    if self.pooling not in POOLINGS:
+      bad("pooling", self.pooling, f"must be one of {POOLINGS}")
+    if self.redraw not in REDRAWS:
+      bad("redraw", self.redraw, f"must be one of {REDRAWS}")
+    if self.dtype not in DTYPES:
+      bad("dtype", self.dtype, f"must be one of {tuple(DTYPES)}")
+    for field in ("num_layers", "emb_dim", "num_heads", "qkv_dim", "mlp_dim", "classifier_dim",
+                  "num_features"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        bad(field, value, "must be a positive integer")
+    if self.qkv_dim % self.num_heads:
+      bad("qkv_dim", self.qkv_dim, f"must be divisible by num_heads={self.num_heads}")
+    for field in ("dropout_rate", "attention_dropout_rate"):
+      value = getattr(self, field)
+      if not 0.0 <= value < 1.0:
+        bad(field, value, "must be in [0, 1)")
+    if self.attention == "spectraformer":
+      from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
+      registry.check_pair(self.component, self.weight)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(out_dim, dtype=self.dtype)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask, *, deterministic: bool):
+    from spectraformer_jax import layers  # pylint: disable=g-import-not-at-top
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    y = nn.LayerNorm(dtype=dtype)(x)
+    attention_kwargs = {}
+    if cfg.attention == "flash":
+      # LRA pads at the end, so the key mask is a prefix: it goes to cuDNN as sequence lengths.
+      attention_kwargs = dict(kv_mask_is_prefix=True)
+    if cfg.attention == "spectraformer":
+      attention_kwargs = dict(component=cfg.component, weight=cfg.weight,
+                              num_features=cfg.num_features, redraw=cfg.redraw)
+    y = layers.RFMultiHeadDotProductAttention(
+        num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
+        dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
+        name="attention", **attention_kwargs)(y, kv_mask=mask, deterministic=deterministic)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    x = x + y
+    y = nn.LayerNorm(dtype=dtype)(x)
+    y = MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype=dtype, name="mlp")(
+        y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Embeds tokens, runs the blocks and pools to one vector per sequence."""
+  config: ModelConfig
+  padded: bool = True  # True: id 0 is padding (mask = inputs != 0); False: every token is real
+
+  @nn.compact
+  def __call__(self, inputs, *, deterministic: bool):
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    batch, length = inputs.shape
+    max_len = cfg.max_len + (cfg.pooling == "cls")
+    if length + (cfg.pooling == "cls") > max_len:
+      raise ValueError(f"Input length {length} exceeds the model's max_len {cfg.max_len}.")
+    mask = inputs != 0 if self.padded else jnp.ones(inputs.shape, bool)
+    x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name="embed")(inputs)
+    if cfg.pooling == "cls":
+      cls = self.param("cls", _EMBED_INIT, (1, 1, cfg.emb_dim))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.emb_dim)), x], axis=1)
+      mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
+    pos = self.param("pos_embedding", _EMBED_INIT, (1, max_len, cfg.emb_dim))
+    x = (x + pos[:, :x.shape[1]]).astype(dtype)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    for i in range(cfg.num_layers):
+      x = EncoderBlock(cfg, name=f"block_{i}")(x, mask, deterministic=deterministic)
+    x = nn.LayerNorm(dtype=dtype, name="final_norm")(x).astype(jnp.float32)
+    if cfg.pooling == "cls":
+      return x[:, 0]
+    weights = mask.astype(jnp.float32)[..., None]
+    return (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+
+
+class ClassifierHead(nn.Module):
+  """Dense -> ReLU -> Dense to logits (float32)."""
+  hidden_dim: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(x))
+    return nn.Dense(self.num_classes, name="logits")(x)
+
+
+class Classifier(nn.Module):
+  """Encoder classifier (ListOps, Text, Image, Pathfinder): ``inputs int[B, L] -> logits``."""
+  config: ModelConfig
+  padded: bool = True
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool = False):
+    pooled = Encoder(self.config, self.padded, name="encoder")(inputs, deterministic=not train)
+    return ClassifierHead(self.config.classifier_dim, self.config.num_classes, name="head")(pooled)
+
+
+class DualEncoderClassifier(nn.Module):
+  """Retrieval: one shared encoder for both documents, head on ``[u, v, u * v, u - v]``."""
+  config: ModelConfig
+  padded: bool = True
+
+  @nn.compact
+  def __call__(self, inputs1, inputs2, *, train: bool = False):
+    encoder = Encoder(self.config, self.padded, name="encoder")
+    u = encoder(inputs1, deterministic=not train)
+    v = encoder(inputs2, deterministic=not train)
+    features = jnp.concatenate([u, v, u * v, u - v], axis=-1)
+    return ClassifierHead(self.config.classifier_dim, self.config.num_classes, name="head")(
+        features)
+
+
+def build_model(config: ModelConfig, *, dual: bool, padded: bool = True) -> nn.Module:
+  """The classifier for a task (``dual``: retrieval's two-document model)."""
+  config.validate()
+  cls = DualEncoderClassifier if dual else Classifier
+  return cls(config, padded=padded)
+
+
+def model_inputs(batch: dict, *, dual: bool) -> tuple:
+  """The positional model inputs from a batch dict."""
+  return (batch["inputs1"], batch["inputs2"]) if dual else (batch["inputs"],)
+
+
+def param_count(params: Any) -> int:
+  """Number of trainable parameters."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def init_variables(model: nn.Module, key: jax.Array, example_inputs: tuple,
+                   ) -> dict[str, Any]:
+  """Initialises ``params`` and ``random_features`` (W drawn from ``key``)."""
+  params_key, dropout_key, features_key = jax.random.split(key, 3)
+  rngs = {"params": params_key, "dropout": dropout_key, "features": features_key}
+  variables = model.init(rngs, *example_inputs, train=False)
+  return dict(variables)
+
+
+def apply(model: nn.Module, params: Any, random_features: Optional[Any], inputs: tuple, *,
+          train: bool, rng: Optional[jax.Array] = None):
+  """Logits; ``rng`` feeds dropout and, with ``redraw="always"``, the ``features`` stream."""
+  variables = {"params": params}
+  if random_features:
+    variables["random_features"] = random_features
+  rngs = {}
+  if rng is not None:
+    dropout_key, features_key = jax.random.split(rng)
+    rngs = {"dropout": dropout_key, "features": features_key}
+  return model.apply(variables, *inputs, train=train, rngs=rngs)

@@ -1,0 +1,629 @@
+"""Linear (random-feature) attention, the exact softmax references, and the Flax ``attention_fn``.
+
+Layouts
+-------
+* ``linear_attention`` / ``causal_linear_attention`` work on *feature* arrays laid out
+  ``[..., len, F]`` (any leading batch/head dims), values ``[..., len, dv]`` and masks
+  ``[..., len]`` broadcastable against the leading dims.
+* ``softmax_attention``, ``flash_attention``, ``rf_attention`` and the function returned by
+  ``make_attention_fn`` use Flax's layout: ``[batch..., len, heads, head_dim]`` with masks
+  ``[batch..., len]`` (True = real token).
+
+Normaliser guard (TrigRF)
+-------------------------
+Attention divides ``num_i = phi_q_i^T sum_j phi_k_j v_j^T`` by ``den_i = phi_q_i^T sum_j phi_k_j``.
+Positive features (PosRF, OPRF, ...) give ``den_i > 0``; signed features (TrigRF) can make
+``den_i`` zero or negative.  We keep the estimator's sign and bound its magnitude from below
+*relative to the scale of the terms it sums*:
+
+    mag_i = |phi_q_i|^T sum_j |phi_k_j|          (= den_i for non-negative features)
+    den_i <- sign(den_i) * max(|den_i|, eps * mag_i)      (sign(0) = +1)
+
+The floor is invariant to the positive per-row / per-head stabiliser constants of the features,
+never touches positive features (``|den_i| = mag_i > eps * mag_i``), keeps outputs finite for
+signed features (``|out_i| <= max|v| / eps``), and costs one extra ``[n, F]`` reduction (skipped
+with ``guard=False``, which ``rf_attention`` does for components registered as positive).
+A query whose every key is masked (``mag_i = 0``) gets a zero output.
+
+Dropout
+-------
+There is no attention matrix to drop entries from.  ``dropout_rate`` drops whole *keys*: key
+``j`` of a head is kept with probability ``1 - p`` and its value scaled by ``1 / (1 - p)`` in the
+numerator only (the normaliser keeps every key).  This equals Flax's attention-weight dropout
+with the dropout mask shared along the query axis: ``out_i = sum_j a_ij (m_j / (1 - p)) v_j``,
+unbiased like the stock one.  ``broadcast_dropout=True`` shares the mask over the batch dims, as
+in Flax.  The layers apply the same rule for ``attention='softmax'`` and ``'flash'`` so all
+three modes regularise alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 128
+DEFAULT_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+def _check_mask(mask, expected_len: int, name: str, leading: tuple[int, ...]):
+  """Validates a boolean mask ``[..., len]``; returns it as bool."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.ndim < 1 or mask.shape[-1] != expected_len:
+    raise ValueError(f"{name} must have shape [..., {expected_len}] (True = real token), "
+                     f"got shape {tuple(mask.shape)}.")
+  try:
+    jnp.broadcast_shapes(mask.shape[:-1], leading)
+  except ValueError:
+    raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast against the "
+                     f"leading dims {leading} (expected [..., {expected_len}]).") from None
+  return mask.astype(bool)
+
+
+def _guarded_divide(num, den, mag, eps):
+  """``num / den[..., None]`` with the sign-preserving relative floor of the module doc."""
+  if mag is not None:
+    floor = eps * mag
+    sign = jnp.where(den >= 0, 1.0, -1.0).astype(den.dtype)
+    den = jnp.where(jnp.abs(den) >= floor, den, sign * floor)
+  safe = jnp.where(den == 0, jnp.ones_like(den), den)
+  out = num / safe[..., None]
+  return jnp.where((den == 0)[..., None], jnp.zeros_like(out), out)
+
+
+# ----------------------------------------------------------------------------- bidirectional
+
+
+def linear_attention(phi_q, phi_k, v, mask=None, q_mask=None, *, eps: float = DEFAULT_EPS,
+                     guard: bool = True, precision=None):
+  """Bidirectional linear attention ``phi_q (phi_k^T v) / phi_q (phi_k^T 1)``.
+
+  Args:
+    phi_q: query features ``[..., n, F]``.
+    phi_k: key features ``[..., l, F]``.
+    v: values ``[..., l, dv]``.
+    mask: key mask ``bool[..., l]`` (True = real key); masked keys contribute nothing (their
+      feature rows and values are zeroed here, whatever the feature map did).
+    q_mask: query mask ``bool[..., n]``; masked queries give zeros.
+    eps: relative floor of the normaliser (see the module doc); only used when ``guard``.
+    guard: apply the sign-preserving relative floor (needed for signed features such as
+      TrigRF; a no-op for positive features, which may pass ``False`` to save a reduction).
+    precision: ``jax.lax.Precision`` for the contractions.
+
+  Returns:
+    ``[..., n, dv]`` in the promoted dtype of the inputs.
+  """
+  phi_q, phi_k, v = jnp.asarray(phi_q), jnp.asarray(phi_k), jnp.asarray(v)
+  if phi_q.shape[-1] != phi_k.shape[-1]:
+    raise ValueError(f"phi_q and phi_k need the same feature dim, got {phi_q.shape[-1]} and "
+                     f"{phi_k.shape[-1]}.")
+  if phi_k.shape[-2] != v.shape[-2]:
+    raise ValueError(f"phi_k and v need the same length, got {phi_k.shape[-2]} and "
+                     f"{v.shape[-2]}.")
+  lead = jnp.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
+  mask = _check_mask(mask, phi_k.shape[-2], "mask (key mask)", lead)
+  q_mask = _check_mask(q_mask, phi_q.shape[-2], "q_mask", lead)
+  if mask is not None:
+    phi_k = jnp.where(mask[..., None], phi_k, 0)
+    v = jnp.where(mask[..., None], v, 0)
+  kv = jnp.einsum("...lf,...ld->...fd", phi_k, v, precision=precision)
+  num = jnp.einsum("...nf,...fd->...nd", phi_q, kv, precision=precision)
+  den = jnp.einsum("...nf,...f->...n", phi_q, jnp.sum(phi_k, axis=-2), precision=precision)
+  mag = None
+  if guard:
+    mag = jnp.einsum("...nf,...f->...n", jnp.abs(phi_q), jnp.sum(jnp.abs(phi_k), axis=-2),
+                     precision=precision)
+  out = _guarded_divide(num, den, mag, eps)
+  if q_mask is not None:
+    out = jnp.where(q_mask[..., None], out, 0)
+  return out
+
+
+# ----------------------------------------------------------------------------- causal
+
+
+def _causal_chunks(q, k, v, precision):
+  """``out_i = sum_{j <= i} (q_i . k_j) v_j`` on chunked inputs by a scan over chunks.
+
+  q, k: ``[B, nc, C, F]``; v: ``[B, nc, C, D]``.  Extra memory: the running state ``[B, F, D]``
+  plus one chunk's ``[B, C, C]`` scores.  Returns ``[B, nc, C, D]``.
+  """
+  c = q.shape[-2]
+  tri = jnp.tril(jnp.ones((c, c), q.dtype))
+
+  def body(state, xs):
+    qc, kc, vc = xs
+    scores = jnp.einsum("bif,bjf->bij", qc, kc, precision=precision) * tri
+    out = (jnp.einsum("bij,bjd->bid", scores, vc, precision=precision)
+           + jnp.einsum("bif,bfd->bid", qc, state, precision=precision))
+    state = state + jnp.einsum("bjf,bjd->bfd", kc, vc, precision=precision)
+    return state, out
+
+  state0 = jnp.zeros((q.shape[0], q.shape[-1], v.shape[-1]), jnp.result_type(q, k, v))
+  xs = tuple(jnp.moveaxis(t, 1, 0) for t in (q, k, v))
+  _, out = jax.lax.scan(body, state0, xs)
+  return jnp.moveaxis(out, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_product(q, k, v, precision):
+  return _causal_chunks(q, k, v, precision)
+
+
+def _causal_product_fwd(q, k, v, precision):
+  return _causal_chunks(q, k, v, precision), (q, k, v)
+
+
+def _flip(t):
+  """Reverses the sequence (chunk and within-chunk axes)."""
+  return jnp.flip(t, axis=(1, 2))
+
+
+def _causal_product_bwd(precision, res, g):
+  # out_i = sum_{j<=i} (q_i.k_j) v_j. The three cotangents are themselves (anti-)causal products,
+  # so the backward pass is three more chunked scans and never stores per-position states:
+  #   dq_i = sum_{j<=i} (g_i.v_j) k_j;  dk_j = sum_{i>=j} (v_j.g_i) q_i;  dv_j = sum_{i>=j} (k_j.q_i) g_i.
+  q, k, v = res
+  g = g.astype(v.dtype)
+  dq = _causal_product(g, v, k, precision)
+  dk = _flip(_causal_product(_flip(v), _flip(g), _flip(q), precision))
+  dv = _flip(_causal_product(_flip(k), _flip(q), _flip(g), precision))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_causal_product.defvjp(_causal_product_fwd, _causal_product_bwd)
+
+
+def causal_prefix_product(q, k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, precision=None):
+  """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``q, k [..., n, F]``, ``v [..., n, D]``.
+
+  Chunked prefix sums: O(n F D) time, O(chunk F D + chunk^2) extra memory (forward and
+  backward; the backward is a ``custom_vjp`` of three more chunked scans).
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  lead = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+  n = q.shape[-2]
+  if k.shape[-2] != n or v.shape[-2] != n:
+    raise ValueError(f"causal attention needs equal query and key lengths, got {n}, "
+                     f"{k.shape[-2]}, {v.shape[-2]}.")
+  dtype = jnp.result_type(q, k, v)
+  q, k, v = (jnp.broadcast_to(t, lead + t.shape[-2:]).astype(dtype) for t in (q, k, v))
+  c = min(chunk_size, max(n, 1))
+  nc = -(-n // c)
+  pad = nc * c - n
+  bsz = int(np.prod(lead)) if lead else 1
+
+  def prep(t):
+    t = t.reshape((bsz, n, t.shape[-1]))
+    if pad:
+      t = jnp.pad(t, ((0, 0), (0, pad), (0, 0)))
+    return t.reshape((bsz, nc, c, t.shape[-1]))
+
+  out = _causal_product(prep(q), prep(k), prep(v), precision)
+  out = out.reshape((bsz, nc * c, v.shape[-1]))[:, :n]
+  return out.reshape(lead + (n, v.shape[-1]))
+
+
+def causal_linear_attention(phi_q, phi_k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
+                            q_mask=None, *, eps: float = DEFAULT_EPS, guard: bool = True,
+                            precision=None):
+  """Causal linear attention: query i attends keys j <= i (``n == l``).
+
+  Equals the masked quadratic reference
+  ``A = tril(phi_q phi_k^T) * mask; out = A v / A 1`` (with the normaliser guard of
+  ``linear_attention``) but never builds ``[n, n]`` or per-position ``[n, F, dv]`` states:
+  prefix sums run over chunks of ``chunk_size`` positions (O(n F dv) time, O(chunk F dv)
+  extra memory); the result does not depend on ``chunk_size`` (up to float rounding).
+  Arguments as in ``linear_attention``.
+  """
+  phi_q, phi_k, v = jnp.asarray(phi_q), jnp.asarray(phi_k), jnp.asarray(v)
+  if phi_q.shape[-1] != phi_k.shape[-1]:
+    raise ValueError(f"phi_q and phi_k need the same feature dim, got {phi_q.shape[-1]} and "
+                     f"{phi_k.shape[-1]}.")
+  lead = jnp.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
+  mask = _check_mask(mask, phi_k.shape[-2], "mask (key mask)", lead)
+  q_mask = _check_mask(q_mask, phi_q.shape[-2], "q_mask", lead)
+  if mask is not None:
+    phi_k = jnp.where(mask[..., None], phi_k, 0)
+    v = jnp.where(mask[..., None], v, 0)
+  ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+  # One pass gives numerator and normaliser: append a column of ones to v.
+  both = causal_prefix_product(phi_q, phi_k, jnp.concatenate([v, ones], -1), chunk_size,
+                               precision)
+  num, den = both[..., :-1], both[..., -1]
+  mag = None
+  if guard:
+    k_ones = jnp.ones(phi_k.shape[:-1] + (1,), phi_k.dtype)
+    mag = causal_prefix_product(jnp.abs(phi_q), jnp.abs(phi_k), k_ones, chunk_size,
+                                precision)[..., 0]
+  out = _guarded_divide(num, den, mag, eps)
+  if q_mask is not None:
+    out = jnp.where(q_mask[..., None], out, 0)
+  return out
+
+
+def causal_linear_attention_reference(phi_q, phi_k, v, mask=None, q_mask=None, *,
+                                      eps: float = DEFAULT_EPS, guard: bool = True,
+                                      precision=None):
+  """O(n^2) masked quadratic reference of ``causal_linear_attention`` (for tests)."""
+  n, l = phi_q.shape[-2], phi_k.shape[-2]
+  scores = jnp.einsum("...nf,...lf->...nl", phi_q, phi_k, precision=precision)
+  allowed = jnp.tril(jnp.ones((n, l), bool))
+  if mask is not None:
+    allowed = allowed & jnp.asarray(mask, bool)[..., None, :]
+  scores = jnp.where(allowed, scores, 0)
+  num = jnp.einsum("...nl,...ld->...nd", scores, v, precision=precision)
+  den = scores.sum(-1)
+  mag = None
+  if guard:
+    mag = jnp.where(allowed, jnp.einsum("...nf,...lf->...nl", jnp.abs(phi_q), jnp.abs(phi_k),
+                                        precision=precision), 0).sum(-1)
+  out = _guarded_divide(num, den, mag, eps)
+  if q_mask is not None:
+    out = jnp.where(jnp.asarray(q_mask, bool)[..., None], out, 0)
+  return out
+
+
+# ----------------------------------------------------------------------------- exact softmax
+
+
+def _check_qkv(q, k, v):
+  if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim:
+    raise ValueError("q, k, v must be [batch..., len, heads, head_dim] with equal ranks, got "
+                     f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"q and k need the same head_dim, got {q.shape[-1]} and {k.shape[-1]}.")
+  if k.shape[-3] != v.shape[-3] or k.shape[-2] != v.shape[-2]:
+    raise ValueError(f"k and v need the same length and heads, got {tuple(k.shape)} and "
+                     f"{tuple(v.shape)}.")
+  if q.shape[-2] != k.shape[-2]:
+    raise ValueError(f"q and k need the same number of heads, got {q.shape[-2]} and "
+                     f"{k.shape[-2]}.")
+
+
+def _flax_masks(q, k, kv_mask, q_mask):
+  """Validates ``[batch..., len]`` masks for Flax-layout q/k."""
+  batch = tuple(q.shape[:-3])
+  kv_mask = _check_mask(kv_mask, k.shape[-3], "kv_mask", batch)
+  q_mask = _check_mask(q_mask, q.shape[-3], "q_mask", batch)
+  if kv_mask is not None and kv_mask.ndim - 1 > len(batch):
+    raise ValueError(f"kv_mask must be [batch..., kv_len] = {batch + (k.shape[-3],)}, got "
+                     f"{tuple(kv_mask.shape)}.")
+  if q_mask is not None and q_mask.ndim - 1 > len(batch):
+    raise ValueError(f"q_mask must be [batch..., q_len] = {batch + (q.shape[-3],)}, got "
+                     f"{tuple(q_mask.shape)}.")
+  return kv_mask, q_mask
+
+
+def softmax_attention(q, k, v, kv_mask=None, q_mask=None, is_causal: bool = False, *,
+                      precision=None):
+  """Exact softmax attention (reference), Flax layout ``[batch..., len, heads, head_dim]``.
+
+  Logits ``q.k / sqrt(head_dim)`` and softmax in float32; masked keys get zero weight,
+  masked queries (and queries with no allowed key) give zeros.  Output in ``q``'s dtype.
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_qkv(q, k, v)
+  kv_mask, q_mask = _flax_masks(q, k, kv_mask, q_mask)
+  n, l = q.shape[-3], k.shape[-3]
+  logits = jnp.einsum("...qhd,...khd->...hqk", _f32(q), _f32(k), precision=precision)
+  logits = logits / math.sqrt(q.shape[-1])
+  allowed = jnp.ones((n, l), bool)
+  if is_causal:
+    if n != l:
+      raise ValueError(f"is_causal needs q_len == kv_len, got {n} and {l}.")
+    allowed = jnp.tril(allowed)
+  if kv_mask is not None:
+    allowed = allowed & kv_mask[..., None, None, :]
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  w = jnp.where(allowed, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
+  s = w.sum(-1, keepdims=True)
+  w = w / jnp.where(s > 0, s, 1.0)
+  out = jnp.einsum("...hqk,...khd->...qhd", w, _f32(v), precision=precision)
+  if q_mask is not None:
+    out = jnp.where(q_mask[..., :, None, None], out, 0)
+  return out.astype(q.dtype)
+
+
+def _cudnn_allowed(q, implementation):
+  if implementation is not None and implementation != "auto":
+    return implementation == "cudnn"
+  if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return False
+  d = q.shape[-1]
+  limit = 128
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", "0")
+    if float(cc) >= 9.0:
+      limit = 256
+  except (TypeError, ValueError):
+    pass
+  return d % 8 == 0 and d <= limit
+
+
+def _prefix_lengths(mask, kv_mask_is_prefix):
+  """Lengths ``int32[batch]`` if ``mask`` is known to be a prefix mask, else None."""
+  if mask is None or mask.ndim != 2:
+    return None
+  if kv_mask_is_prefix is None:
+    try:
+      m = np.asarray(mask)  # concrete only
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return None
+    lengths = m.sum(-1)
+    if not (m == (np.arange(m.shape[-1]) < lengths[:, None])).all():
+      return None
+    return jnp.asarray(lengths, jnp.int32)
+  if kv_mask_is_prefix:
+    return jnp.sum(mask, axis=-1).astype(jnp.int32)
+  return None
+
+
+def flash_attention(q, k, v, kv_mask=None, q_mask=None, is_causal: bool = False, *,
+                    implementation: Optional[str] = "auto",
+                    kv_mask_is_prefix: Optional[bool] = None, precision=None):
+  """Exact softmax attention through ``jax.nn.dot_product_attention`` (same contract as
+  ``softmax_attention``).
+
+  * ``implementation='auto'``: cuDNN flash attention on GPU for bf16/fp16 inputs with
+    ``head_dim % 8 == 0`` (<= 256 on Hopper, <= 128 before); XLA otherwise, and also when cuDNN
+    refuses the shapes.  ``None``/``'xla'``/``'cudnn'`` force a backend.
+  * Padding: a key mask known to be a *prefix* mask (True then False per row, as LRA's
+    end-padding) goes in as ``key_value_seq_lengths`` (no dense mask).  ``kv_mask_is_prefix``:
+    True = trust it (e.g. under ``jit``), False = always pass a dense ``[B, 1, 1, L]`` mask,
+    None = check when the mask is concrete, else dense mask.  Masked queries give zeros.
+  * Leading batch dims are flattened to one (the function wants ``[B, T, N, H]``).
+  """
+  del precision  # jax.nn.dot_product_attention has no precision argument.
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_qkv(q, k, v)
+  kv_mask, q_mask = _flax_masks(q, k, kv_mask, q_mask)
+  batch = tuple(q.shape[:-3])
+  if len(batch) != 1:
+    b = int(np.prod(batch)) if batch else 1
+    flat = lambda t: None if t is None else jnp.broadcast_to(t, batch + t.shape[len(t.shape) - 1:]
+                                                            ).reshape((b,) + t.shape[-1:])
+    out = flash_attention(q.reshape((b,) + q.shape[-3:]), k.reshape((b,) + k.shape[-3:]),
+                          v.reshape((b,) + v.shape[-3:]), flat(kv_mask), flat(q_mask),
+                          is_causal, implementation=implementation,
+                          kv_mask_is_prefix=kv_mask_is_prefix)
+    return out.reshape(batch + out.shape[1:])
+  if kv_mask is not None:
+    kv_mask = jnp.broadcast_to(kv_mask, batch + kv_mask.shape[-1:])
+  if q_mask is not None:
+    q_mask = jnp.broadcast_to(q_mask, batch + q_mask.shape[-1:])
+  lengths = _prefix_lengths(kv_mask, kv_mask_is_prefix)
+  kwargs = dict(is_causal=is_causal)
+  if lengths is not None:
+    kwargs["key_value_seq_lengths"] = lengths
+  elif kv_mask is not None:
+    kwargs["mask"] = kv_mask[:, None, None, :]
+  use_cudnn = _cudnn_allowed(q, implementation)
+  out = None
+  if use_cudnn:
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+    except (NotImplementedError, ValueError, RuntimeError):
+      if implementation == "cudnn":
+        raise
+      out = None
+  if out is None:
+    impl = None if implementation in (None, "auto", "cudnn") else implementation
+    out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **kwargs)
+  if q_mask is not None:
+    out = jnp.where(q_mask[..., :, None, None], out, 0)
+  if kv_mask is not None:  # a query with no real key gets zeros, as in softmax_attention
+    out = jnp.where(jnp.any(kv_mask, -1)[:, None, None, None], out, 0)
+  return out.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- RF core
+
+
+def _component_spec(component):
+  from spectraformer_jax import registry  # local import: registry imports components lazily
+  if isinstance(component, str):
+    return registry.get_component(component)
+  return component
+
+
+def _to_heads(t):
+  """[batch..., len, heads, d] -> [batch..., heads, len, d]."""
+  return jnp.swapaxes(t, -3, -2)
+
+
+def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
+                       is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       eps: float = DEFAULT_EPS, precision=None, stabilize: bool = True):
+  """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
+  masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
+  spec = _component_spec(component)
+  d = q.shape[-1]
+  scale = d ** -0.25
+  x, y = _f32(q) * scale, _f32(k) * scale
+  W = _f32(W)
+  if W.ndim != 2 or W.shape[-1] != d:
+    raise ValueError(f"W must be float32[num_features, head_dim={d}], got shape "
+                     f"{tuple(W.shape)}.")
+  xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
+  ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
+  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params,
+                               stabilize=stabilize)
+  phi_q, phi_k = _f32(phi_q), _f32(phi_k)
+  guard = not getattr(spec, "positive", False)
+  if is_causal:
+    return causal_linear_attention(phi_q, phi_k, _f32(v), chunk_size, mask=ym, q_mask=xm,
+                                   eps=eps, guard=guard, precision=precision)
+  return linear_attention(phi_q, phi_k, _f32(v), ym, xm, eps=eps, guard=guard,
+                          precision=precision)
+
+
+def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
+                 is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 eps: float = DEFAULT_EPS, precision=None, stabilize: bool = True):
+  """Random-feature attention, Flax layout: the pure core of the layers.
+
+  Args:
+    q: ``[batch..., q_len, heads, head_dim]``; k: ``[batch..., kv_len, heads, head_dim]``;
+      v: ``[batch..., kv_len, heads, v_dim]``.
+    W: ``float32[num_features, head_dim]`` (one matrix shared by all heads).
+    component: a component name (``registry.get_component``) or a ``ComponentSpec``.
+    params: learnable component parameters (``spec.init_params``), or None.
+    kv_mask: ``bool[batch..., kv_len]``; q_mask: ``bool[batch..., q_len]`` (True = real).
+    is_causal: causal attention (chunked prefix sums; needs q_len == kv_len).
+    chunk_size: chunk length of the causal prefix sums.
+    eps: relative normaliser floor (see module doc; active only for non-positive components).
+    precision: precision of the attention contractions (features use HIGHEST projections).
+    stabilize: passed to ``spec.features`` (True: max-shifted exponentials).
+
+  q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
+  ``exp(q.k / sqrt(head_dim))``.  Features and accumulation in float32; output in ``q``'s dtype.
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_qkv(q, k, v)
+  kv_mask, q_mask = _flax_masks(q, k, kv_mask, q_mask)
+  if is_causal and q.shape[-3] != k.shape[-3]:
+    raise ValueError(f"is_causal needs q_len == kv_len, got {q.shape[-3]} and {k.shape[-3]}.")
+  hm = lambda m: None if m is None else m[..., None, :]  # [batch..., 1, len] for the heads dim
+  out = rf_attention_heads(_to_heads(q), _to_heads(k), _to_heads(v), W, component=component,
+                           params=params, kv_mask=hm(kv_mask), q_mask=hm(q_mask),
+                           is_causal=is_causal, chunk_size=chunk_size, eps=eps,
+                           precision=precision, stabilize=stabilize)
+  return _to_heads(out).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def key_dropout(v, rng, rate: float, broadcast_dropout: bool = True, n_batch_dims: int = 1):
+  """The layers' attention dropout (module doc): drops whole keys of ``v [batch..., kv_len,
+  heads, dv]`` per (batch, key, head) with probability ``rate`` and rescales by ``1/(1-rate)``;
+  applied to the values only, so normalisers keep every key.  ``broadcast_dropout`` shares the
+  mask over the batch dims."""
+  if rate <= 0.0:
+    return v
+  if rate >= 1.0:
+    return jnp.zeros_like(v)
+  shape = list(v.shape[:-1]) + [1]
+  if broadcast_dropout:
+    for i in range(n_batch_dims):
+      shape[i] = 1
+  keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
+  return jnp.where(keep, v / jnp.asarray(1.0 - rate, v.dtype), jnp.zeros((), v.dtype))
+
+
+# ----------------------------------------------------------------------------- Flax hook
+
+
+def reduce_dense_mask(mask, q_len: int, kv_len: int):
+  """Reduces Flax's dense mask ``[batch..., heads|1, q_len, kv_len]`` to (key mask
+  ``[batch..., heads|1, kv_len]``, query mask ``[batch..., heads|1, q_len]``).
+
+  Assumes the mask is separable, ``mask[i, j] = q_ok(i) & kv_ok(j)`` (a padding mask), possibly
+  intersected with a causal mask (give causality by ``is_causal``; the triangle itself is
+  dropped).  A key is kept if any query may see it; a query if it may see any key.
+  """
+  mask = jnp.asarray(mask)
+  if mask.ndim < 3 or mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len):
+    raise ValueError(f"mask must be Flax's dense [batch..., heads|1, q_len={q_len}, "
+                     f"kv_len={kv_len}], got {tuple(mask.shape)}.")
+  mask = mask.astype(bool)
+  return jnp.any(mask, axis=-2), jnp.any(mask, axis=-1)
+
+
+def make_attention_fn(component: str, weight: str, num_features: int, *,
+                      key: Optional[Array] = None, seed: int = 0, W: Optional[Array] = None,
+                      weight_kwargs: Optional[dict] = None, component_params: Any = None,
+                      is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      eps: float = DEFAULT_EPS) -> Callable[..., Array]:
+  """Returns an ``attention_fn`` for Flax's stock attention layers.
+
+  ``flax.linen.MultiHeadDotProductAttention(attention_fn=fn)`` and
+  ``flax.nnx.MultiHeadAttention(attention_fn=fn)`` work as is.  The returned
+  ``fn(query, key, value, mask=None, dropout_rng=None, dropout_rate=0., broadcast_dropout=True,
+  deterministic=True, dtype=None, precision=None, is_causal=False, module=None, **unused)``
+  takes ``[batch..., len, heads, head_dim]`` arrays.
+
+  * W: drawn once per head_dim from ``key`` (default ``jax.random.key(seed)``) with
+    ``registry.get_weight(weight).init`` (concretely, at the first trace), or given as ``W``.
+    A learnable weight (fastfoodl, gmm) or component parameters are used *frozen at their
+    initial values* here (the function has no parameters); train them with
+    ``layers.RFMultiHeadDotProductAttention`` / ``layers.RFMultiHeadAttention`` instead.
+  * mask: the stock layers pass a dense ``[batch..., heads|1, q_len, kv_len]`` boolean mask,
+    which costs O(n^2) memory to build; it is reduced to key/query masks with
+    ``reduce_dense_mask`` (assumes a separable padding mask; causality comes only from
+    ``is_causal``, the factory's or nnx's call argument). Use the package's layers with
+    ``kv_mask`` to keep memory linear.
+  * dropout: key dropout on the values (module doc) when ``deterministic`` is False.
+  """
+  from spectraformer_jax import registry
+  comp, spec = registry.check_pair(component, weight)
+  if not isinstance(num_features, (int, np.integer)) or num_features < 1:
+    raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
+  num_features = int(num_features)
+  wkw = dict(weight_kwargs or {})
+  base_key = key if key is not None else jax.random.key(seed)
+  cache: dict[int, tuple[Array, Any]] = {}
+
+  def _materials(d):
+    if d not in cache:
+      with jax.ensure_compile_time_eval():
+        if W is not None:
+          w = jnp.asarray(W, jnp.float32)
+          if w.shape != (num_features, d):
+            raise ValueError(f"W must have shape (num_features={num_features}, head_dim={d}), "
+                             f"got {tuple(w.shape)}.")
+        else:
+          wkey, _ = jax.random.split(base_key)
+          p, b = spec.init(wkey, num_features, d, **wkw)
+          w = jnp.asarray(spec.matrix(p, b), jnp.float32)
+        cp = component_params
+        if cp is None and comp.init_params is not None:
+          cp = comp.init_params(jax.random.split(base_key)[1], d)
+      cache[d] = (w, cp)
+    return cache[d]
+
+  def attention_fn(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
+                   broadcast_dropout=True, deterministic=True, dtype=None, precision=None,
+                   is_causal=False, module=None, **unused):
+    del module, unused
+    causal = bool(is_causal) or bool(_factory_causal)
+    w, cp = _materials(query.shape[-1])
+    q, k, v = _to_heads(query), _to_heads(key), _to_heads(value)
+    kvm = qm = None
+    if mask is not None:
+      kvm, qm = reduce_dense_mask(mask, query.shape[-3], key.shape[-3])
+    if not deterministic and dropout_rate > 0.0:
+      if dropout_rng is None:
+        raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout_rng.")
+      v = _to_heads(key_dropout(value, dropout_rng, dropout_rate, broadcast_dropout,
+                                value.ndim - 3))
+    out = rf_attention_heads(q, k, v, w, component=comp, params=cp, kv_mask=kvm, q_mask=qm,
+                             is_causal=causal, chunk_size=chunk_size, eps=eps,
+                             precision=precision)
+    out_dtype = dtype if dtype is not None else query.dtype
+    return _to_heads(out).astype(out_dtype)
+
+  _factory_causal = is_causal
+  attention_fn.component = comp.name
+  attention_fn.weight = spec.name
+  attention_fn.num_features = num_features
+  return attention_fn

@@ -1,0 +1,381 @@
+"""Component functions f: random features phi(x) = f(W x) whose dot products estimate exp(x . y).
+
+Conventions (``design.md`` section 4): ``x`` are queries and ``y`` keys, both already scaled by
+``d**-0.25``; ``W`` is float32[m, d] with rows omega (N(0, I_d) marginals unless the weight
+matrix says otherwise).  Every estimator here targets the *softmax* kernel ``exp(x . y)``; the
+Gaussian-kernel estimators of the papers (GERF/OPRF/DERF estimate ``exp(-|x - y|^2 / 2)``) are
+turned into softmax-kernel estimators by folding ``exp(|x|^2/2)`` into the query features and
+``exp(|y|^2/2)`` into the key features.
+
+Two layers of API:
+
+* per-side functions ``*_phi(x, W, ...)`` / ``*_logits(x, W, ...)``: pure features of one side
+  (no stabiliser, no mask), used by tests and for exposition;
+* pair functions ``*_features(x, y, W, *, x_mask=None, y_mask=None, params=None,
+  stabilize=True) -> (phi_x, phi_y)`` with the registry contract (``registry.py``): they
+  compute the data-dependent parameters (``stats.py``) from both sides, return float32 even for
+  bfloat16 inputs, zero the rows of ``phi_y`` at masked keys, and (``stabilize=True``) subtract
+  before ``exp`` a stabiliser that is per query row on the query side and ONE constant per
+  leading index (batch, head) over all unmasked keys on the key side, both under
+  ``stop_gradient``; the estimate is then scaled by ``c_row(i) * c_head``, which cancels in
+  attention normalisation.  Masked queries are not zeroed (attention masks its outputs); they
+  are excluded from the statistics.  No epsilon is added to the features (that would bias the
+  estimator); a denominator guard belongs to attention.
+
+Dense-exponential (DE) family, used by PosRF, GERF(s=+1), OPRF, SDERF, ADERF, SADERF:
+for omega ~ N(0, I), ``E[exp(2 omega^T A omega + omega^T u)] = det(I - 4A)^(-1/2)
+exp(u^T (I - 4A)^-1 u / 2)``.  With ``f1(omega, x) = D exp(omega^T A omega + omega^T B1 x +
+x^T C1 x)``, ``f2`` likewise with ``B2, C2``, ``D = det(I - 4A)^(1/4)``,
+``B1^T (I - 4A)^-1 B2 = I`` and ``Ck = -Bk^T (I - 4A)^-1 Bk / 2`` one gets
+``E[f1(x) f2(y)] = exp(x . y)`` exactly (the Gaussian-kernel version of the papers has an extra
+``-I/2`` in ``Ck``).  All positive members here use diagonal ``A = diag(a)`` and
+``B = diag(sqrt(1 - 4a))`` after a data-dependent linear change of coordinates that keeps
+``x . y`` (rescaling by Psi/Psi^-1 or an orthogonal rotation), which makes ``C = -I/2`` and
+
+    log f(omega, x) = sum_k log(1 - 4 a_k)/4 + sum_k a_k omega_k^2
+                      + sum_k sqrt(1 - 4 a_k) omega_k x'_k - |x'|^2 / 2 - log(m) / 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from spectraformer_jax import stats
+
+Params = Any
+
+# GERF's A is constrained to A < 1/8 (finite variance) as A = 0.124999 - softplus(raw).
+GERF_A_MAX = 0.124999  # strictly below 1/8 even when softplus underflows (as the official clamp)
+_GERF_RAW_AT_ZERO = math.log(math.expm1(GERF_A_MAX))  # softplus(raw) = 1/8  <=>  A = 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+def _project(x, w):
+  """``x[..., n, d] @ W[m, d]^T -> [..., n, m]`` in float32 with full precision."""
+  return jnp.einsum("...nd,md->...nm", _f32(x), _f32(w), precision=jax.lax.Precision.HIGHEST)
+
+
+def _sq_norm(x):
+  return jnp.sum(_f32(x) ** 2, axis=-1, keepdims=True)
+
+
+def _key_mask(y, y_mask):
+  """Boolean key mask broadcast to ``y.shape[:-1] + (1,)`` or None."""
+  if y_mask is None:
+    return None
+  return jnp.broadcast_to(y_mask, y.shape[:-1])[..., None]
+
+
+def _row_max(logits):
+  """Per-row stabiliser ``max_r logits[..., i, r]`` (stop_gradient), [..., n, 1]."""
+  return jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+
+
+def _head_max(logits, mask):
+  """One stabiliser per leading index: max over all unmasked rows and features, [..., 1, 1].
+
+  Falls back to 0 when every key is masked (then every row is zeroed anyway).
+  """
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  c = jnp.max(logits, axis=(-2, -1), keepdims=True)
+  c = jnp.where(jnp.isfinite(c), c, 0.0)
+  return jax.lax.stop_gradient(c)
+
+
+def _exp_pair(lx, ly, y_mask_b, stabilize):
+  """Positive features from log-features of both sides with the contract's stabilisers."""
+  if stabilize:
+    lx = lx - _row_max(lx)
+    ly = ly - _head_max(ly, y_mask_b)
+  phi_x = jnp.exp(lx)
+  phi_y = jnp.exp(ly)
+  if y_mask_b is not None:
+    phi_y = jnp.where(y_mask_b, phi_y, 0.0)
+  return phi_x, phi_y
+
+
+def _check(x, y, w):
+  if x.shape[-1] != y.shape[-1] or x.shape[-1] != w.shape[-1]:
+    raise ValueError(f"Feature dims disagree: x {x.shape}, y {y.shape}, W {w.shape} "
+                     "(need x[..., n, d], y[..., l, d], W[m, d]).")
+
+
+# ----------------------------------------------------------------------------- TrigRF
+
+
+def trigrf_phi(x, w):
+  """TrigRF (random Fourier features) of one side, float32[..., n, 2m].
+
+  ``phi(x) = exp(|x|^2/2) / sqrt(m) [cos(W x), sin(W x)]``.  Since
+  ``cos(a)cos(b) + sin(a)sin(b) = cos(a - b)`` and ``E cos(omega . (x - y)) =
+  exp(-|x - y|^2/2)`` (Gaussian kernel), ``E[phi(x) . phi(y)] = exp(x . y)``: unbiased for the
+  softmax kernel.  Not positive (the attention normaliser can cross zero).  Overflows in
+  float32 for ``|x| > ~13`` without the pair function's stabiliser.
+  """
+  p = _project(x, w)
+  m = w.shape[0]
+  amp = jnp.exp(0.5 * _sq_norm(x)) / math.sqrt(m)
+  return amp * jnp.concatenate([jnp.cos(p), jnp.sin(p)], axis=-1)
+
+
+def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Pair TrigRF features (registry contract), float32 ``[..., n, 2m]`` and ``[..., l, 2m]``.
+
+  Stabilised: the query amplitude ``exp(|x|^2/2)`` (a per-row constant) is dropped, the key
+  amplitude becomes ``exp(|y|^2/2 - max_j |y_j|^2/2)`` (one constant per head).
+  """
+  del params, x_mask
+  _check(x, y, w)
+  m = w.shape[0]
+  px, py = _project(x, w), _project(y, w)
+  nx, ny = 0.5 * _sq_norm(x), 0.5 * _sq_norm(y)
+  yb = _key_mask(y, y_mask)
+  if stabilize:
+    nx = jnp.zeros_like(nx)
+    ny = ny - _head_max(ny, yb)
+  phi_x = jnp.exp(nx) / math.sqrt(m) * jnp.concatenate([jnp.cos(px), jnp.sin(px)], -1)
+  phi_y = jnp.exp(ny) / math.sqrt(m) * jnp.concatenate([jnp.cos(py), jnp.sin(py)], -1)
+  if yb is not None:
+    phi_y = jnp.where(yb, phi_y, 0.0)
+  return phi_x, phi_y
+
+
+# ----------------------------------------------------------------------------- DE core
+
+
+def de_logits(x, w, a=None):
+  """Log-features of the diagonal dense-exponential family (see module docstring).
+
+  ``x[..., n, d]`` are the (already transformed) coordinates; ``a`` is None (A = 0, PosRF), a
+  scalar, or ``[..., d]`` (diagonal A per coordinate; one A per leading index goes through
+  ``_scalar_a`` first).  Returns float32 ``[..., n, m]``:
+  ``sum_k log(1-4a_k)/4 + sum_k a_k w_rk^2 + sum_k sqrt(1-4a_k) w_rk x_k - |x|^2/2 - log(m)/2``.
+  """
+  x = _f32(x)
+  w = _f32(w)
+  m, d = w.shape
+  base = -0.5 * _sq_norm(x) - 0.5 * math.log(m)
+  if a is None:
+    return _project(x, w) + base
+  a = jnp.broadcast_to(_f32(a), x.shape[:-2] + (d,))  # scalars broadcast; use _scalar_a for [...]
+  b = jnp.sqrt(1.0 - 4.0 * a)                                  # [..., d]
+  log_d = 0.25 * jnp.sum(jnp.log1p(-4.0 * a), axis=-1)         # [...]
+  quad = jnp.einsum("md,...d->...m", w * w, a, precision=jax.lax.Precision.HIGHEST)
+  proj = _project(x * b[..., None, :], w)
+  return proj + quad[..., None, :] + log_d[..., None, None] + base
+
+
+def _scalar_a(a, x):
+  """A per leading index ([...] or scalar) -> [..., d] diag."""
+  a = _f32(a)
+  lead = x.shape[:-2]
+  a = jnp.broadcast_to(a, lead) if a.ndim <= len(lead) else a
+  return jnp.broadcast_to(a[..., None], lead + (x.shape[-1],))
+
+
+# ----------------------------------------------------------------------------- PosRF
+
+
+def posrf_phi(x, w):
+  """PosRF / FAVOR+ (Choromanski et al., 2021), one side, float32[..., n, m].
+
+  ``phi(x) = exp(W x - |x|^2/2) / sqrt(m)``; ``E[phi(x) . phi(y)] = E exp(omega.(x + y))
+  exp(-|x|^2/2 - |y|^2/2) = exp(x . y)``: positive and unbiased for the softmax kernel.
+  """
+  return jnp.exp(de_logits(x, w))
+
+
+def posrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Pair PosRF features (registry contract), float32 ``[..., n, m]`` / ``[..., l, m]``."""
+  del params, x_mask
+  _check(x, y, w)
+  return _exp_pair(de_logits(x, w), de_logits(y, w), _key_mask(y, y_mask), stabilize)
+
+
+# ----------------------------------------------------------------------------- GERF
+
+
+def gerf_a(params) -> jax.Array:
+  """GERF's A from its parameters: ``A = 0.124999 - softplus(raw)`` (< 1/8); 0 when params is None."""
+  if params is None or "gerf_a_raw" not in params:
+    return jnp.float32(0.0)
+  return GERF_A_MAX - jax.nn.softplus(_f32(params["gerf_a_raw"]))
+
+
+def gerf_init_params(key=None, dim=None) -> Params:
+  """Learnable scalar A of GERF, initialised at A = 0 (PosRF for s = +1)."""
+  del key, dim
+  return {"gerf_a_raw": jnp.float32(_GERF_RAW_AT_ZERO)}
+
+
+def gerf_phi(x, w, a=0.0, s=1):
+  """GERF (Likhosherstov et al., "Chefs' Random Tables", 2022), one side, float32.
+
+  ``f(omega, x) = D exp(A |omega|^2 + s_side B omega . x + C |x|^2)`` with ``A < 1/8``,
+  ``B = sqrt(s (1 - 4A))``, ``D = (1 - 4A)^(d/4)``, ``C_gauss = -(s + 1)/2`` for the
+  Gaussian kernel; the softmax kernel adds ``+1/2``: ``C = -s/2``; the key side uses
+  ``s * B``.  ``E[f(x) f(y)] = exp(x . y)`` (unbiased) for both ``s = +1`` (positive,
+  ``[..., n, m]``) and ``s = -1``.  For ``s = -1`` the features are complex
+  ``D exp(A|omega|^2 + |x|^2/2) exp(+-i b omega . x)`` with ``b = sqrt(1 - 4A)``; they are
+  returned as real ``[Re, Im]`` blocks (``[..., n, 2m]``) with the key side's imaginary part
+  sign-flipped, so the real dot product is ``Re(f(x) f(y))``: the real part of an unbiased
+  estimator of a real quantity, hence unbiased.  ``A = 0, s = -1`` is TrigRF.
+  """
+  if s == 1:
+    return jnp.exp(de_logits(x, w, _scalar_a(a, x)))
+  if s != -1:
+    raise ValueError(f"GERF sign s must be +1 or -1, got {s!r}.")
+  logamp, p = _gerf_trig_parts(x, w, _f32(a))
+  amp = jnp.exp(logamp)
+  return jnp.concatenate([amp * jnp.cos(p), amp * jnp.sin(p)], -1)
+
+
+def _gerf_trig_parts(x, w, a):
+  """(log amplitude [..., n, m], phase [..., n, m]) of GERF with s = -1 (key side identical:
+  the sign of the imaginary part cancels into ``cos cos + sin sin``)."""
+  m, d = w.shape
+  a = _f32(a)
+  while a.ndim < x.ndim:  # [...] -> [..., 1, 1]
+    a = a[..., None]
+  b = jnp.sqrt(1.0 - 4.0 * a)
+  wsq = jnp.sum(_f32(w) ** 2, -1)
+  logamp = (0.25 * d * jnp.log1p(-4.0 * a) + a * wsq + 0.5 * _sq_norm(x)
+            - 0.5 * math.log(m))
+  return logamp, b * _project(x, w)
+
+
+def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True, s=1):
+  """Pair GERF features (registry contract); A from ``params`` (learnable, default A = 0).
+
+  ``s = +1``: positive features ``[..., m]`` (registered as ``gerf``); ``s = -1``: real
+  ``[Re, Im]`` blocks ``[..., 2m]`` (see ``gerf_phi``).  Unbiased for ``exp(x . y)``.
+  """
+  del x_mask
+  _check(x, y, w)
+  a = gerf_a(params)
+  yb = _key_mask(y, y_mask)
+  if s == 1:
+    return _exp_pair(de_logits(x, w, _scalar_a(a, x)), de_logits(y, w, _scalar_a(a, y)), yb,
+                     stabilize)
+  if s != -1:
+    raise ValueError(f"GERF sign s must be +1 or -1, got {s!r}.")
+  lx, px = _gerf_trig_parts(x, w, a)
+  ly, py = _gerf_trig_parts(y, w, a)
+  if stabilize:
+    lx = lx - _row_max(lx)
+    ly = ly - _head_max(ly, yb)
+  phi_x = jnp.exp(lx)
+  phi_y = jnp.exp(ly)
+  phi_x = jnp.concatenate([phi_x * jnp.cos(px), phi_x * jnp.sin(px)], -1)
+  # key side: [Re, -Im] of exp(-i b omega.y) = [cos, sin]
+  phi_y = jnp.concatenate([phi_y * jnp.cos(py), phi_y * jnp.sin(py)], -1)
+  if yb is not None:
+    phi_y = jnp.where(yb, phi_y, 0.0)
+  return phi_x, phi_y
+
+
+# ----------------------------------------------------------------------------- OPRF
+
+
+def oprf_phi(x, w, a):
+  """OPRF (optimal positive RF, "Chefs' Random Tables"), one side, float32[..., n, m].
+
+  GERF with s = +1 and the data-dependent ``A*`` of ``stats.oprf_a`` (pass it as ``a``,
+  one value per leading index): ``phi(x) = (1-4A)^(d/4) exp(A|omega|^2 + sqrt(1-4A) omega.x
+  - |x|^2/2) / sqrt(m)``.  Positive; unbiased for ``exp(x . y)`` given A (A depends on the
+  data, not on omega).
+  """
+  return jnp.exp(de_logits(x, w, _scalar_a(a, x)))
+
+
+def oprf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Pair OPRF features (registry contract): ``A* = stats.oprf_a(x, y, masks)`` per head."""
+  del params
+  _check(x, y, w)
+  a = stats.oprf_a(x, y, x_mask, y_mask)
+  return _exp_pair(de_logits(x, w, _scalar_a(a, x)), de_logits(y, w, _scalar_a(a, y)),
+                   _key_mask(y, y_mask), stabilize)
+
+
+# ----------------------------------------------------------------------------- DERF family
+
+
+def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Symmetric dense-exponential RF (SDERF; Likhosherstov et al., 2023), pair features.
+
+  ``f(omega, x) = D exp(omega^T A omega + omega^T B x - |x|^2/2) / sqrt(m)`` on both sides
+  with ``A = diag(a)``, ``B = diag(sqrt(1 - 4a)) Q^T``, ``D = det(I - 4A)^(1/4)``, where
+  ``Q, a = stats.sderf_params(x, y)``: ``Q`` the eigenvectors of
+  ``Phi = mean_(i,j) (x_i + y_j)(x_i + y_j)^T`` and ``a_k`` the one-dimensional OPRF optimum
+  for eigenvalue ``phi_k``.  (This ``B`` is ``Q``-rotated from the paper's symmetric
+  ``Q diag(b) Q^T``: the same estimator with ``omega -> Q^T omega``, which has the same
+  N(0, I) law.)  ``B^T (I-4A)^-1 B = I`` so ``E[f(x) f(y)] = exp(x . y)``: positive, unbiased.
+  """
+  del params
+  _check(x, y, w)
+  q, a = stats.sderf_params(x, y, x_mask, y_mask)
+  xq = jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
+  yq = jnp.einsum("...nd,...dk->...nk", _f32(y), q, precision=jax.lax.Precision.HIGHEST)
+  return _exp_pair(de_logits(xq, w, a), de_logits(yq, w, a), _key_mask(y, y_mask), stabilize)
+
+
+def sderf_phi(x, w, q, a):
+  """SDERF of one side given ``(q, a) = stats.sderf_params(...)`` (see ``sderf_features``)."""
+  return jnp.exp(de_logits(jnp.einsum("...nd,...dk->...nk", _f32(x), q), w, a))
+
+
+def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Asymmetric dense-exponential RF, diagonal variant (ADERF), pair features.
+
+  ``f1(omega, x) = D exp(sum_k a_k omega_k^2 + sum_k b_k psi_k omega_k x_k - |Psi x|^2/2)``,
+  ``f2(omega, y) = D exp(sum_k a_k omega_k^2 + sum_k b_k omega_k y_k / psi_k - |Psi^-1 y|^2/2)``
+  with ``b_k = sqrt(1 - 4 a_k)``, ``D = prod_k (1 - 4a_k)^(1/4)`` and
+  ``psi, a = stats.aderf_params(x, y)`` (per-coordinate optimum of the pair-averaged log
+  second moment over diagonal A, B1, B2).  ``B1 (I-4A)^-1 B2 = I``: positive, unbiased for
+  ``exp(x . y)``.  The paper's ADERF allows full matrices ``B1, B2``; this is its diagonal
+  special case (as design.md specifies), of which SADERF is the scalar-A special case.
+  """
+  del params
+  _check(x, y, w)
+  psi, a = stats.aderf_params(x, y, x_mask, y_mask)
+  xs = _f32(x) * psi[..., None, :]
+  ys = _f32(y) / psi[..., None, :]
+  return _exp_pair(de_logits(xs, w, a), de_logits(ys, w, a), _key_mask(y, y_mask), stabilize)
+
+
+def aderf_phi(x, w, psi, a, side="query"):
+  """ADERF of one side given ``(psi, a) = stats.aderf_params(...)``; keys use ``1/psi``."""
+  scale = psi if side == "query" else 1.0 / psi
+  return jnp.exp(de_logits(_f32(x) * scale[..., None, :], w, a))
+
+
+def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+  """Simplified ADERF (SADERF), pair features: ``x -> Psi x``, ``y -> Psi^-1 y`` then OPRF.
+
+  ``psi = stats.saderf_psi(x, y)``, ``psi_k = (mean_j y_jk^2 / mean_i x_ik^2)^(1/4)``
+  (keeps every ``x . y``), then OPRF's features with ``A* = stats.oprf_a(Psi x, Psi^-1 y)``.
+  Positive; unbiased for ``exp(x . y)`` given the statistics.
+  """
+  del params
+  _check(x, y, w)
+  psi = stats.saderf_psi(x, y, x_mask, y_mask)
+  xs = _f32(x) * psi[..., None, :]
+  ys = _f32(y) / psi[..., None, :]
+  return oprf_features(xs, ys, w, x_mask=x_mask, y_mask=y_mask, stabilize=stabilize)
+
+
+def saderf_phi(x, w, psi, a, side="query"):
+  """SADERF of one side given ``psi`` and OPRF's ``a`` of the rescaled inputs."""
+  scale = psi if side == "query" else 1.0 / psi
+  return oprf_phi(_f32(x) * scale[..., None, :], w, a)

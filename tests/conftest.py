@@ -1,0 +1,40 @@
+"""Shared pytest set-up: the repository root on sys.path (for ``configs``), LRA fixtures."""
+
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+_OPS = {"MIN": min, "MAX": max, "MED": lambda xs: int(sorted(xs)[(len(xs) - 1) // 2] +
+                                                     sorted(xs)[len(xs) // 2]) // 2,
+        "SM": lambda xs: sum(xs) % 10}
+
+
+def _listops_expression(rng: random.Random, depth: int, root: bool = False) -> tuple[str, int]:
+  """A small ListOps expression in LRA's text form and its value."""
+  if depth == 0 or (not root and rng.random() < 0.4):
+    value = rng.randrange(10)
+    return str(value), value
+  op = rng.choice(sorted(_OPS))
+  args = [_listops_expression(rng, depth - 1) for _ in range(rng.randint(2, 4))]
+  text = f"( [{op} " + " ".join(a for a, _ in args) + " ] )"
+  return text, _OPS[op]([v for _, v in args])
+
+
+@pytest.fixture(scope="session")
+def listops_dir(tmp_path_factory) -> str:
+  """A tiny ListOps data_dir in the LRA format: basic_{train,val,test}.tsv, header Source\\tTarget."""
+  root = tmp_path_factory.mktemp("listops")
+  rng = random.Random(0)
+  for split, n in (("train", 96), ("val", 40), ("test", 40)):
+    rows = ["Source\tTarget"]
+    for _ in range(n):
+      text, value = _listops_expression(rng, 3, root=True)
+      rows.append(f"{text}\t{value}")
+    (root / f"basic_{split}.tsv").write_text("\n".join(rows) + "\n")
+  return str(root)
