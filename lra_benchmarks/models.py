@@ -142,9 +142,9 @@ class Encoder(nn.Module):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     batch, length = inputs.shape
-    max_len = cfg.max_len + (cfg.pooling == "cls")
-    if length + (cfg.pooling == "cls") > max_len:
+    if length > cfg.max_len:
       raise ValueError(f"Input length {length} exceeds the model's max_len {cfg.max_len}.")
+    max_len = cfg.max_len + (cfg.pooling == "cls")  # the CLS token takes one more position
     mask = inputs != 0 if self.padded else jnp.ones(inputs.shape, bool)
     x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name="embed")(inputs)
     if cfg.pooling == "cls":

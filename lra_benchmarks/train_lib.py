@@ -286,6 +286,13 @@ def _restore(manager, step: int, abstract_state) -> tuple[TrainState, dict]:
   return restored["state"], dict(restored["meta"])
 
 
+def _say(message: str) -> None:
+  """A message for the user, on process 0 (also logged)."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        datasets: Optional[dict[str, dict]] = None,
                        stop_at_step: Optional[int] = None) -> dict:
@@ -358,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   latest = latest_mngr.latest_step()
   if latest is not None:
     state, meta = _restore(latest_mngr, latest, abstract_state)
-    logging.info("Resumed from %s at step %d.", latest_mngr.directory, latest)
+    _say(f"Resumed from {latest_mngr.directory} at step {latest}.")
   start_step = int(state.step)
 
   train_step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config),
@@ -369,12 +376,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.model.redraw_every and state.random_features:
     from spectraformer_jax import layers  # pylint: disable=g-import-not-at-top
 
-    @functools.partial(jax.jit, out_shardings=shard.replicated)
-    def redraw(state):
+    def redraw_features(state):
       key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
       variables = layers.redraw_random_features(
           model, {"params": state.params, "random_features": state.random_features}, key)
       return state.replace(random_features=variables["random_features"])
+    redraw = jax.jit(redraw_features, out_shardings=shard.replicated)
 
   def evaluate(state: TrainState, split: str, max_batches: int = -1) -> dict:
     loss = correct = count = 0.0
@@ -428,8 +435,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   while not meta["finished"] and step < end_step:
     if redraw is not None and step % config.model.redraw_every == 0 and step > 0:
       state = redraw(state)
-    batch, first_batch = (first_batch, None) if first_batch is not None else (
-        shard(next(train_iter)), None)
+    if first_batch is not None:
+      batch, first_batch = first_batch, None
+    else:
+      batch = shard(next(train_iter))
     state, metrics = compiled(state, batch)
     step += 1
     pending.append(metrics)
@@ -466,8 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         meta["evals_since_best"] += 1
         if config.patience and meta["evals_since_best"] >= config.patience:
           meta.update(stopped_early=True, finished=True)
-          logging.info("Early stop at step %d: no improvement in %d evaluations.", step,
-                       config.patience)
+          _say(f"Early stop at step {step}: no improvement in {config.patience} evaluations.")
       if step == config.num_train_steps:
         meta["finished"] = True
       segment_start = time.perf_counter()
@@ -506,6 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "best_step": meta["best_step"],
         "steps": step,
         "stopped_early": meta["stopped_early"],
+        # The training loop's wall time over all resumed runs: periodic evaluation and
+        # checkpointing included; data loading and the train step's compilation excluded.
         "train_wall_time_s": total_train_time,
         "steps_per_second": timed_steps / step_time if step_time > 0 else None,
         "steps_per_second_note": "train steps of the last process run, excluding the compiling "
@@ -528,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def final_params(workdir: str) -> Any:
-  """The params of the latest checkpoint in ``workdir`` (as numpy), for inspection and tests."""
+  """The params of the latest checkpoint in ``workdir``, for inspection and tests."""
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                              item_names=("state", "meta")) as mngr:
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(

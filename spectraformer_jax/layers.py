@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import nnx
-from flax.linen.attention import LayerNorm as _LinenLayerNorm  # noqa: F401  (doc reference)
 
 from spectraformer_jax import attention as attn
 from spectraformer_jax import registry

@@ -483,7 +483,8 @@ def sparse_grid_gauss_hermite(d: int, level: int) -> tuple[np.ndarray, np.ndarra
   ``l - d <= e <= l - 1`` enter with coefficient ``(-1)^(l-1-e) C(d-1, l-1-e)``. Equal nodes are
   merged (weights summed, zero-weight nodes dropped). The rule is exact for polynomials of total
   degree <= 2 l - 1. Level 1 is the single node 0; level 2 is ``{0, +-sqrt(3) e_k}``
-  (2d + 1 nodes); level 3 has 2 d^2 + 2 d + 1 nodes. Weights can be negative.
+  (2d + 1 nodes); level 3 has 2 d^2 + 4 d + 1 nodes (the
+  1-D rules are not nested, so the 3- and 5-point axis nodes both survive). Weights can be negative.
   Returns (nodes float64[N, d], weights float64[N]); weights sum to 1.
   """
   if level < 1:
@@ -525,7 +526,7 @@ def _sgq_count(d: int, level: int) -> int:
   if level == 2:
     return 2 * d + 1
   if level == 3:
-    return 2 * d * d + 2 * d + 1
+    return 2 * d * d + 4 * d + 1
   return len(sparse_grid_gauss_hermite(d, level)[1])
 
 
@@ -559,7 +560,7 @@ def sgq(key, num_features: int, dim: int, level: int | None = None) -> jnp.ndarr
 
   Host-side (numpy, cached per (m, d, level)): the Smolyak grid of
   ``sparse_grid_gauss_hermite(d, level)``; by default ``level`` is the largest level (>= 2) whose
-  grid has at most m nodes (for d = 32 and m < 2113 that is level 2: the origin and +-sqrt(3) e_k).
+  grid has at most m nodes (for d = 32 and m < 2177 that is level 2: the origin and +-sqrt(3) e_k).
   Fewer nodes N than m: ``ceil(m/N)`` copies of the grid, each rotated by an independent Haar
   rotation, first m rows kept (nodes are ordered by decreasing |weight|, so a partial copy keeps
   the heaviest nodes). More nodes than m (only when level is forced, or m < 2d + 1 at level 2):

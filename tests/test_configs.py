@@ -1,10 +1,10 @@
 """Every config file loads, names a valid combination, and files and registry agree."""
 
 import glob
+import importlib.util
 import os
 import re
 
-from ml_collections.config_flags import config_flags
 import pytest
 
 from configs import base
@@ -21,7 +21,10 @@ def _runnable_files():
 
 
 def _load(path):
-  module = config_flags._LoadConfigModule(os.path.basename(path)[:-3], path)  # pylint: disable=protected-access
+  """Loads a config file by path, as ``--config=PATH`` does."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   return module.get_config()
 
 

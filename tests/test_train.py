@@ -59,9 +59,10 @@ def read_metrics(workdir, split="train"):
 
 def test_trains_loss_falls_and_kill_and_resume_equals_uninterrupted_run(tmp_path):
   """A tiny Spectraformer model learns; a run "killed" after its step-12 checkpoint and resumed
-  ends with the same parameters (and losses) as an uninterrupted run."""
+  ends with the same parameters (and losses) as an uninterrupted run. W is redrawn every 5
+  steps, so the random-feature state must resume too."""
   config = tiny_config(**{"model.attention": "spectraformer", "model.component": "posrf",
-                          "model.weight": "qmc"})
+                          "model.weight": "qmc", "model.redraw_every": 5})
   straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
   results = train_lib.train_and_evaluate(config, straight, datasets=DATASETS)
   losses = [r["loss"] for r in read_metrics(straight)]
@@ -97,7 +98,8 @@ def test_cli_on_eight_devices_matches_one_device(tmp_path, listops_dir):
          f"--config={os.path.join(ROOT, 'configs', 'listops_softmax.py')}",
          f"--workdir={workdir}", f"--config.data_dir={listops_dir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+  pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
                         timeout=300, check=False)

@@ -115,6 +115,9 @@ def task_config(task: str, variant: tuple, args):
   config.model.num_features = args.m
   if args.dtype:
     config.model.dtype = args.dtype
+  for item in common.parse_list(args.model) or []:
+    field, value = item.split("=", 1)
+    config.model[field] = type(config.model[field])(value)
   batch, length = TASK_SHAPES[task]
   config.batch_size = args.batch or batch
   config.seq_len = config.max_length = args.length or length
@@ -198,7 +201,8 @@ def process_memory(specs: list[str], args) -> dict[str, dict]:
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
   base = [sys.executable, "-m", "lra_benchmarks.benchmarks.speed", f"--m={args.m}",
-          f"--dtype={args.dtype}", f"--batch={args.batch}", f"--length={args.length}"]
+          f"--dtype={args.dtype}", f"--batch={args.batch}", f"--length={args.length}",
+          f"--model={args.model}"]
 
   def run(spec):
     start = time.time()
@@ -226,22 +230,24 @@ def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
     jobs = [(task, v) for v in variants]
 
     def build(job):
+      t0 = time.time()
       try:
-        return build_step(job[0], job[1], args)
+        return build_step(job[0], job[1], args), time.time() - t0
       except Exception as err:  # pylint: disable=broad-except
-        return err
+        return err, time.time() - t0
 
     start = time.time()
     with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_workers)) as pool:
       futures = [pool.submit(build, job) for job in jobs]
       for job, future in zip(jobs, futures):
-        built = future.result()
+        built, build_s = future.result()
         if isinstance(built, Exception):
           row = {"task": task, "attention": variant_name(job[1]),
                  "error": f"{type(built).__name__}: {str(built)[:500]}",
                  "oom": common.is_out_of_memory(built)}
         else:
           row = measure_step(task, job[1], args, built)
+        row["build_s"] = build_s
         del built
         rows.append(row)
         log(f"[steps] {task} {row['attention']}: " + (
@@ -550,6 +556,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                  help="model compute dtype (params stay float32; flash needs bfloat16)")
   p.add_argument("--batch", type=int, default=0, help="override every task's batch (0: study's)")
   p.add_argument("--length", type=int, default=0, help="override every task's length (0: study's)")
+  p.add_argument("--model", default="",
+                 help="overrides of config.model for tiny runs, e.g. num_layers=1,emb_dim=16")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--compile_workers", type=int, default=4,
@@ -635,7 +643,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log(f"[memory] {len(specs)} fresh processes in {time.time() - t0:.0f} s")
   sweep = run_sweep(_sweep_variants(args, variants), lengths, args, log) if lengths else []
   fits = fit_sweep(sweep)
-  settings = {"m": args.m, "dtype": args.dtype, "warmup": args.warmup, "reps": args.reps,
+  settings = {"m": args.m, "dtype": args.dtype, "model_overrides": args.model or None,
+              "warmup": args.warmup, "reps": args.reps,
               "sweep_tokens": args.sweep_tokens, "batch_override": args.batch or None,
               "length_override": args.length or None}
   result = {"environment": env, "settings": settings, "steps": steps, "sweep": sweep,
