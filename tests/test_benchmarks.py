@@ -25,23 +25,22 @@ def _load(path):
 def test_speed_cpu_tiny(tmp_path):
   out = tmp_path / "speed"
   result = speed.main([
-      "--tasks=listops", "--pairs=posrf:orf,oprf:fastfoodl", "--baselines=softmax,flash",
+      "--tasks=listops", "--pairs=posrf:orf", "--baselines=flash",
       "--batch=2", "--length=32", "--model=num_layers=1,emb_dim=16,qkv_dim=16,mlp_dim=32",
       "--m=8", "--dtype=float32", "--warmup=1", "--reps=2", "--compile_workers=2",
-      "--sweep_lengths=32,64", "--sweep_tokens=128", "--sweep_dim=16", "--out_dir", str(out),
+      "--sweep_lengths=32,64", "--sweep_tokens=128", "--sweep_dim=16", "--ablations=none",
+      "--out_dir", str(out),
       "--quiet"])
   data = _load(out / "speed.json")
   names = [r["attention"] for r in data["steps"]]
-  assert names == ["softmax", "flash", "posrf-orf", "oprf-fastfoodl"]
+  assert names == ["flash", "posrf-orf"]
   for row in data["steps"]:
     assert "error" not in row, row
     assert row["median_ms"] > 0 and row["finite_loss"]
     assert row["static_memory"]["total_bytes"] > 0
     assert row["batch"] == 2 and row["length"] == 32
   sweep = {(r["attention"], r["length"]): r for r in data["sweep"]}
-  # Sweep "auto": the baselines plus each component once, with orf, plus posrf/oprf learnable.
-  assert set(sweep) == {(a, n) for a in ("softmax", "flash", "posrf-orf", "oprf-fastfoodl")
-                        for n in (32, 64)}
+  assert set(sweep) == {(a, n) for a in ("flash", "posrf-orf") for n in (32, 64)}
   assert sweep[("posrf-orf", 64)]["batch"] == 2 and sweep[("posrf-orf", 32)]["batch"] == 4
   fits = data["fits"]
   assert math.isfinite(fits["posrf-orf"]["slope"])
@@ -102,3 +101,56 @@ def test_common_helpers():
     common.select_pairs("nope:orf")
   table = common.markdown_table(["a", "b"], [[1.23456, None], [float("nan"), 2]])
   assert table.splitlines()[2] == "| 1.23 | - |" and "nan" in table
+
+
+# ----------------------------------------------------------------------------- RF-core switches
+
+
+@pytest.mark.parametrize("component", ["posrf", "trigrf"])
+def test_remat_switch_keeps_values_and_gradients(component):
+  """attention.REMAT_FEATURES only changes what is kept for the backward pass."""
+  import jax
+  import jax.numpy as jnp
+  from spectraformer_jax import attention, weights
+  q, k, v = (jax.random.normal(key, (2, 64, 2, 8)) * 0.7
+             for key in jax.random.split(jax.random.PRNGKey(0), 3))
+  w = weights.orf(jax.random.PRNGKey(1), 16, 8)
+  mask = jnp.arange(64)[None] < jnp.array([[40], [64]])
+  loss = lambda q, k, v: jnp.sum(attention.rf_attention(
+      q, k, v, w, component=component, kv_mask=mask, q_mask=mask) ** 2)
+  saved = attention.REMAT_FEATURES
+  try:
+    attention.REMAT_FEATURES = True
+    v1, g1 = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+    attention.REMAT_FEATURES = False
+    v2, g2 = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+  finally:
+    attention.REMAT_FEATURES = saved
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_bfloat16_features_stay_close_to_float32():
+  """bfloat16 q/k/v: bfloat16 features and matmul operands, float32 accumulation."""
+  import jax
+  import jax.numpy as jnp
+  from spectraformer_jax import attention, weights
+  q, k, v = (jax.random.normal(key, (2, 128, 2, 16)) * 0.7
+             for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  w = weights.orf(jax.random.PRNGKey(3), 32, 16)
+  bf = lambda t: t.astype(jnp.bfloat16)
+  ref = attention.rf_attention(bf(q).astype(jnp.float32), bf(k).astype(jnp.float32),
+                               bf(v).astype(jnp.float32), w, component="posrf")
+  saved = attention.LOW_PRECISION_FEATURES
+  try:
+    attention.LOW_PRECISION_FEATURES = True
+    out = attention.rf_attention(bf(q), bf(k), bf(v), w, component="posrf")
+    mask = jnp.arange(128)[None] < jnp.array([[100], [128]])
+    masked = attention.rf_attention(bf(q), bf(k), bf(v), w, component="trigrf", kv_mask=mask,
+                                    q_mask=mask)
+  finally:
+    attention.LOW_PRECISION_FEATURES = saved
+  assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(masked.astype(jnp.float32)).all())
+  err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  assert 0 < err < 2e-2  # bfloat16 rounding of features and output, not more

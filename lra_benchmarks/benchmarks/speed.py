@@ -223,10 +223,18 @@ def process_memory(specs: list[str], args) -> dict[str, dict]:
   return results
 
 
+def _past_deadline(args) -> bool:
+  return bool(args.max_seconds) and time.time() > args.start_time + args.max_seconds
+
+
 def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
   """Builds (``--compile_workers`` threads) and times every task x variant, one at a time."""
   rows = []
   for task in tasks:
+    if _past_deadline(args):
+      log(f"[steps] {task}: skipped, --max_seconds={args.max_seconds} reached")
+      rows.append({"task": task, "attention": "*", "error": "skipped: --max_seconds reached"})
+      continue
     jobs = [(task, v) for v in variants]
 
     def build(job):
@@ -253,6 +261,37 @@ def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
         log(f"[steps] {task} {row['attention']}: " + (
             f"{row['median_ms']:.2f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
     log(f"[steps] {task}: {len(jobs)} configurations in {time.time() - start:.0f} s")
+  return rows
+
+
+ABLATIONS = {
+    "remat": {"REMAT_FEATURES": True},
+    "bf16-features": {"LOW_PRECISION_FEATURES": True},
+    "remat+bf16-features": {"REMAT_FEATURES": True, "LOW_PRECISION_FEATURES": True},
+}
+
+
+def run_ablations(specs: list[str], args, log) -> list[dict]:
+  """``task/attention`` configurations again with the performance switches of
+  ``spectraformer_jax.attention`` flipped as in ``ABLATIONS`` (built in this thread only, after
+  the compile pool has finished, so no other trace sees the flipped switches)."""
+  from spectraformer_jax import attention  # pylint: disable=import-outside-toplevel
+  rows = []
+  for spec in specs:
+    task, name = spec.split("/", 1)
+    for label, switches in ABLATIONS.items():
+      saved = {k: getattr(attention, k) for k in switches}
+      for k, value in switches.items():
+        setattr(attention, k, value)
+      try:
+        row = measure_step(task, parse_variant(name), args)
+      finally:
+        for k, value in saved.items():
+          setattr(attention, k, value)
+      row["attention"] = f"{name}[{label}]"
+      rows.append(row)
+      log(f"[ablation] {task} {row['attention']}: " + (
+          f"{row['median_ms']:.2f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
   return rows
 
 
@@ -287,6 +326,10 @@ def run_sweep(variants: list[tuple], lengths: list[int], args, log) -> list[dict
     for n in lengths:
       batch = max(1, args.sweep_tokens // n)
       row = {"attention": variant_name(variant), "length": n, "batch": batch}
+      if _past_deadline(args):
+        row["error"] = "skipped: --max_seconds reached"
+        rows.append(row)
+        continue
       if variant[0] == "softmax" and args.softmax_max_length and n > args.softmax_max_length:
         row["error"] = f"skipped: plain softmax above --softmax_max_length={args.softmax_max_length}"
         rows.append(row)
@@ -566,7 +609,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                  help="task/attention,... measured in fresh processes; 'auto': each task's "
                       "baselines, posrf-orf and oprf-fastfoodl where selected (only on backends "
                       "with memory stats); 'all'; 'none'")
-  p.add_argument("--memory_workers", type=int, default=4)
+  p.add_argument("--memory_workers", type=int, default=6)
+  p.add_argument("--ablations", default="none",
+                 help="task/attention,... timed again with the RF-core performance switches "
+                      "(attention.REMAT_FEATURES, LOW_PRECISION_FEATURES) on")
+  p.add_argument("--max_seconds", type=int, default=0,
+                 help="start no further task or sweep point after this many seconds (0: no limit)")
   p.add_argument("--child_timeout", type=int, default=300)
   p.add_argument("--sweep_lengths", default="1k,2k,4k,8k,16k,32k,64k",
                  help="comma list (k = 1024) or 'none'")
@@ -600,20 +648,23 @@ def _sweep_variants(args, variants: list[tuple]) -> list[tuple]:
   return baselines + list(dict.fromkeys(chosen))
 
 
-def _memory_specs(args, tasks, variants, rows) -> list[str]:
-  if args.process_memory == "none" or common.device_peak_bytes() is None:
-    return []
-  measured = {f"{r['task']}/{r['attention']}" for r in rows if r.get("median_ms")}
+def _memory_specs(args, tasks, step_specs: list[str]) -> list[str]:
+  if args.process_memory == "none" or jax.default_backend() == "cpu":
+    return []  # the CPU backend reports no memory stats
   if args.process_memory == "all":
-    return sorted(measured)
+    return step_specs
   if args.process_memory != "auto":
-    return [s for s in common.parse_list(args.process_memory) if s in measured]
+    return [s for s in common.parse_list(args.process_memory) if s in step_specs]
   names = ["softmax", "flash", "posrf-orf", "oprf-fastfoodl"]
-  return [f"{t}/{n}" for t in tasks for n in names if f"{t}/{n}" in measured]
+  return [f"{t}/{n}" for t in tasks for n in names if f"{t}/{n}" in step_specs]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parse_args(argv)
+  args.start_time = time.time()
+  # No preallocation: fresh-process peaks run beside this process, and its own pool then holds
+  # only what it used (must be set before the backend starts).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args.child_memory:
     print(_CHILD_TAG + json.dumps(child_memory(args.child_memory, args)), flush=True)
     return {}
@@ -625,22 +676,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   variants = select_variants(args)
   lengths = [] if args.sweep_lengths == "none" else [
       common.parse_length(s) for s in args.sweep_lengths.split(",") if s.strip()]
+  # Fresh-process peaks first, while this process holds no device memory (no preallocation).
+  step_specs = [f"{t}/{variant_name(v)}" for t in tasks for v in variants]
+  specs = _memory_specs(args, tasks, step_specs)
+  mem, t0 = {}, time.time()
+  if specs:
+    mem = process_memory(specs, args)
+    log(f"[memory] {len(specs)} fresh processes in {time.time() - t0:.0f} s")
   env = common.environment()
   log(f"[speed] {env['device_kind']}: {len(tasks)} tasks x {len(variants)} attentions, "
       f"sweep {len(lengths)} lengths")
   start = time.time()
   steps = run_steps(tasks, variants, args, log)
-  specs = _memory_specs(args, tasks, variants, steps)
-  if specs:
-    t0 = time.time()
-    mem = process_memory(specs, args)
-    for r in steps:
-      out = mem.get(f"{r['task']}/{r['attention']}")
-      if out is not None:
-        r["process_peak_bytes"] = out.get("peak_bytes")
-        if out.get("error"):
-          r["process_memory_error"] = out["error"]
-    log(f"[memory] {len(specs)} fresh processes in {time.time() - t0:.0f} s")
+  ablation_specs = common.parse_list(args.ablations) if args.ablations != "none" else []
+  steps += run_ablations(ablation_specs or [], args, log)
+  for r in steps:
+    out = mem.get(f"{r['task']}/{r['attention']}")
+    if out is not None:
+      r["process_peak_bytes"] = out.get("peak_bytes")
+      if out.get("error"):
+        r["process_memory_error"] = out["error"]
   sweep = run_sweep(_sweep_variants(args, variants), lengths, args, log) if lengths else []
   fits = fit_sweep(sweep)
   settings = {"m": args.m, "dtype": args.dtype, "model_overrides": args.model or None,
