@@ -172,6 +172,15 @@ def _dense_softmax(q, k, v, dense_mask, kv_mask, q_mask, is_causal, attention, p
   return out
 
 
+def _default_kv(inputs_q, inputs_k, inputs_v):
+  """Flax's defaults: keys from the queries, values from the keys (self-attention)."""
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError("inputs_k cannot be None if inputs_v is not None.")
+    inputs_k = inputs_q
+  return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
 def _draw(spec, key, num_features, dim, weight_kwargs):
   return spec.init(key, num_features, dim, **dict(weight_kwargs or {}))
 
@@ -265,12 +274,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
         raise ValueError("If inputs_kv is given, inputs_k and inputs_v must be None.")
       inputs_k = inputs_v = inputs_kv
     else:
-      if inputs_k is None:
-        if inputs_v is not None:
-          raise ValueError("inputs_k cannot be None if inputs_v is not None.")
-        inputs_k = inputs_q
-      if inputs_v is None:
-        inputs_v = inputs_k
+      inputs_k, inputs_v = _default_kv(inputs_q, inputs_k, inputs_v)
     if self.decode:
       raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
                                 "is_causal=True for causal attention.")
@@ -528,12 +532,7 @@ class RFMultiHeadAttention(nnx.Module):
       drop_stream = rngs.dropout
     else:
       drop_stream = rngs if rngs is not None else self.rngs
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None if inputs_v is not None.")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = _default_kv(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
                        f"expects {self.in_features}.")
