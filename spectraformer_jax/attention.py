@@ -51,19 +51,6 @@ Array = jax.Array
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_EPS = 1e-6
 
-# Performance switches of the RF core (``rf_attention_heads``), read at trace time.  Both are
-# off by default: they are tested for correctness (tests/test_benchmarks.py) but their speed and
-# memory on a GPU are not measured yet (``python -m lra_benchmarks.benchmarks.speed
-# --ablations=text/posrf-orf`` times each switched on); off, the core is unchanged.
-# * REMAT_FEATURES: recompute the n x F feature maps in the backward pass (``jax.checkpoint``
-#   around features + attention) instead of keeping them for it, so the memory kept per layer
-#   is q, k, v (as for flash attention), not O(n F).
-# * LOW_PRECISION_FEATURES: for bfloat16 q (a bfloat16 model), store the features in bfloat16
-#   and run the attention contractions on bfloat16 operands with float32 accumulation; the
-#   projections, exponentials, stabilisers and normaliser sums stay float32.
-REMAT_FEATURES = False
-LOW_PRECISION_FEATURES = False
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -102,25 +89,6 @@ def _guarded_divide(num, den, mag, eps):
 # ----------------------------------------------------------------------------- bidirectional
 
 
-def _low_precision_contractions(phi_q, phi_k, v, guard, precision):
-  """(num, den, mag) of ``linear_attention`` for bfloat16/float16 features: operands stay in
-  their dtype, products accumulate in float32; the [F, dv] state and the key sum are rounded
-  back to the feature dtype so phi_q is read once, numerator and normaliser together."""
-  f32 = jnp.float32
-  kv = jnp.einsum("...lf,...ld->...fd", phi_k, v.astype(phi_k.dtype), precision=precision,
-                  preferred_element_type=f32)
-  z = jnp.sum(phi_k, axis=-2, dtype=f32)
-  kvz = jnp.concatenate([kv, z[..., None]], axis=-1).astype(phi_q.dtype)
-  both = jnp.einsum("...nf,...fd->...nd", phi_q, kvz, precision=precision,
-                    preferred_element_type=f32)
-  mag = None
-  if guard:
-    mag = jnp.einsum("...nf,...f->...n", jnp.abs(phi_q),
-                     jnp.sum(jnp.abs(phi_k), axis=-2, dtype=f32).astype(phi_q.dtype),
-                     precision=precision, preferred_element_type=f32)
-  return both[..., :-1], both[..., -1], mag
-
-
 def linear_attention(phi_q, phi_k, v, mask=None, q_mask=None, *, eps: float = DEFAULT_EPS,
                      guard: bool = True, precision=None):
   """Bidirectional linear attention ``phi_q (phi_k^T v) / phi_q (phi_k^T 1)``.
@@ -153,16 +121,13 @@ def linear_attention(phi_q, phi_k, v, mask=None, q_mask=None, *, eps: float = DE
   if mask is not None:
     phi_k = jnp.where(mask[..., None], phi_k, 0)
     v = jnp.where(mask[..., None], v, 0)
-  if phi_q.dtype in (jnp.bfloat16, jnp.float16):
-    num, den, mag = _low_precision_contractions(phi_q, phi_k, v, guard, precision)
-  else:
-    kv = jnp.einsum("...lf,...ld->...fd", phi_k, v, precision=precision)
-    num = jnp.einsum("...nf,...fd->...nd", phi_q, kv, precision=precision)
-    den = jnp.einsum("...nf,...f->...n", phi_q, jnp.sum(phi_k, axis=-2), precision=precision)
-    mag = None
-    if guard:
-      mag = jnp.einsum("...nf,...f->...n", jnp.abs(phi_q), jnp.sum(jnp.abs(phi_k), axis=-2),
-                       precision=precision)
+  kv = jnp.einsum("...lf,...ld->...fd", phi_k, v, precision=precision)
+  num = jnp.einsum("...nf,...fd->...nd", phi_q, kv, precision=precision)
+  den = jnp.einsum("...nf,...f->...n", phi_q, jnp.sum(phi_k, axis=-2), precision=precision)
+  mag = None
+  if guard:
+    mag = jnp.einsum("...nf,...f->...n", jnp.abs(phi_q), jnp.sum(jnp.abs(phi_k), axis=-2),
+                     precision=precision)
   out = _guarded_divide(num, den, mag, eps)
   if q_mask is not None:
     out = jnp.where(q_mask[..., None], out, 0)
@@ -492,31 +457,23 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
   spec = _component_spec(component)
   d = q.shape[-1]
+  scale = d ** -0.25
+  x, y = _f32(q) * scale, _f32(k) * scale
   W = _f32(W)
   if W.ndim != 2 or W.shape[-1] != d:
     raise ValueError(f"W must be float32[num_features, head_dim={d}], got shape "
                      f"{tuple(W.shape)}.")
-  low = LOW_PRECISION_FEATURES and jnp.asarray(q).dtype == jnp.bfloat16
-  feature_dtype = jnp.bfloat16 if low else jnp.float32
-
-  def core(q, k, v, W, params, q_mask, kv_mask):
-    scale = d ** -0.25
-    x, y = _f32(q) * scale, _f32(k) * scale
-    xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
-    ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
-    phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params,
-                                 stabilize=stabilize)
-    phi_q, phi_k = phi_q.astype(feature_dtype), phi_k.astype(feature_dtype)
-    guard = not getattr(spec, "positive", False)
-    if is_causal:
-      return causal_linear_attention(_f32(phi_q), _f32(phi_k), _f32(v), chunk_size, mask=ym,
-                                     q_mask=xm, eps=eps, guard=guard, precision=precision)
-    return _f32(linear_attention(phi_q, phi_k, v.astype(feature_dtype), ym, xm, eps=eps,
-                                 guard=guard, precision=precision))
-
-  if REMAT_FEATURES:
-    core = jax.checkpoint(core)
-  return core(q, k, v, W, params, q_mask, kv_mask)
+  xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
+  ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
+  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params,
+                               stabilize=stabilize)
+  phi_q, phi_k = _f32(phi_q), _f32(phi_k)
+  guard = not getattr(spec, "positive", False)
+  if is_causal:
+    return causal_linear_attention(phi_q, phi_k, _f32(v), chunk_size, mask=ym, q_mask=xm,
+                                   eps=eps, guard=guard, precision=precision)
+  return linear_attention(phi_q, phi_k, _f32(v), ym, xm, eps=eps, guard=guard,
+                          precision=precision)
 
 
 def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,

@@ -28,7 +28,7 @@ def test_speed_cpu_tiny(tmp_path):
       "--tasks=listops", "--pairs=posrf:orf", "--baselines=flash",
       "--batch=2", "--length=32", "--model=num_layers=1,emb_dim=16,qkv_dim=16,mlp_dim=32",
       "--m=8", "--dtype=float32", "--warmup=1", "--reps=2", "--compile_workers=2",
-      "--sweep_lengths=32,64", "--sweep_tokens=128", "--sweep_dim=16", "--ablations=none",
+      "--sweep_lengths=32,64", "--sweep_tokens=128", "--sweep_dim=16",
       "--out_dir", str(out),
       "--quiet"])
   data = _load(out / "speed.json")
@@ -101,56 +101,3 @@ def test_common_helpers():
     common.select_pairs("nope:orf")
   table = common.markdown_table(["a", "b"], [[1.23456, None], [float("nan"), 2]])
   assert table.splitlines()[2] == "| 1.23 | - |" and "nan" in table
-
-
-# ----------------------------------------------------------------------------- RF-core switches
-
-
-@pytest.mark.parametrize("component", ["posrf", "trigrf"])
-def test_remat_switch_keeps_values_and_gradients(component):
-  """attention.REMAT_FEATURES only changes what is kept for the backward pass."""
-  import jax
-  import jax.numpy as jnp
-  from spectraformer_jax import attention, weights
-  q, k, v = (jax.random.normal(key, (2, 64, 2, 8)) * 0.7
-             for key in jax.random.split(jax.random.PRNGKey(0), 3))
-  w = weights.orf(jax.random.PRNGKey(1), 16, 8)
-  mask = jnp.arange(64)[None] < jnp.array([[40], [64]])
-  loss = lambda q, k, v: jnp.sum(attention.rf_attention(
-      q, k, v, w, component=component, kv_mask=mask, q_mask=mask) ** 2)
-  saved = attention.REMAT_FEATURES
-  try:
-    attention.REMAT_FEATURES = True
-    v1, g1 = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
-    attention.REMAT_FEATURES = False
-    v2, g2 = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
-  finally:
-    attention.REMAT_FEATURES = saved
-  np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  for a, b in zip(g1, g2):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
-
-
-def test_bfloat16_features_stay_close_to_float32():
-  """bfloat16 q/k/v: bfloat16 features and matmul operands, float32 accumulation."""
-  import jax
-  import jax.numpy as jnp
-  from spectraformer_jax import attention, weights
-  q, k, v = (jax.random.normal(key, (2, 128, 2, 16)) * 0.7
-             for key in jax.random.split(jax.random.PRNGKey(2), 3))
-  w = weights.orf(jax.random.PRNGKey(3), 32, 16)
-  bf = lambda t: t.astype(jnp.bfloat16)
-  ref = attention.rf_attention(bf(q).astype(jnp.float32), bf(k).astype(jnp.float32),
-                               bf(v).astype(jnp.float32), w, component="posrf")
-  saved = attention.LOW_PRECISION_FEATURES
-  try:
-    attention.LOW_PRECISION_FEATURES = True
-    out = attention.rf_attention(bf(q), bf(k), bf(v), w, component="posrf")
-    mask = jnp.arange(128)[None] < jnp.array([[100], [128]])
-    masked = attention.rf_attention(bf(q), bf(k), bf(v), w, component="trigrf", kv_mask=mask,
-                                    q_mask=mask)
-  finally:
-    attention.LOW_PRECISION_FEATURES = saved
-  assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(masked.astype(jnp.float32)).all())
-  err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-  assert 0 < err < 2e-2  # bfloat16 rounding of features and output, not more

@@ -143,26 +143,50 @@ def gaussian_inputs(seed: int, scale: float, draws: int, batch: int, n: int, hea
 
 
 def checkpoint_inputs(workdir: str, *, num_batches: int = 1, split: str = "validation",
-                      max_batch: Optional[int] = None) -> dict[str, list[tuple]]:
-  """q/k/v of every attention layer of a trained model, on ``num_batches`` evaluation batches.
+                      max_batch: int = 4, arrays: Optional[dict] = None) -> dict[str, list[tuple]]:
+  """q/k/v of every attention layer of a trained model (a trainer workdir: ``config.json`` and
+  orbax checkpoints, the best one if present, else the latest) on ``num_batches`` batches of
+  ``max_batch`` examples of ``split`` (or of ``arrays``, a ``Task.load``-style dict).
 
-  Returns ``{layer_path: [(q, k, v, kv_mask), ...]}`` with q/k/v float32 [b, n, h, d] taken
-  from the layer's ``query``/``key``/``value`` projections (``capture_intermediates``).
+  Returns ``{layer_path: [(q, k, v, kv_mask), ...]}``, q/k/v float32 [b, n, h, d] from the
+  layers' ``query``/``key``/``value`` projections (``capture_intermediates``; retrieval: the
+  first document), kv_mask = tokens != 0 for padded tasks.
   """
-  from lra_benchmarks import train  # pylint: disable=import-outside-toplevel
-  model, variables, batches = train.load_for_analysis(workdir, split=split,
-                                                      num_batches=num_batches)
+  import json  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from lra_benchmarks import data as lra_data  # pylint: disable=import-outside-toplevel
+  from lra_benchmarks import models, train_lib  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(workdir)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  task = lra_data.get_task(config.task)
+  model = models.build_model(models.ModelConfig.from_config(
+      config.model, vocab_size=task.vocab_size, num_classes=task.num_classes,
+      max_len=config.seq_len), dual=task.dual, padded=task.padded)
+  folder = next(os.path.join(workdir, d) for d in ("best", "checkpoints")
+                if os.path.isdir(os.path.join(workdir, d)))
+  with ocp.CheckpointManager(folder, item_names=("state", "meta")) as mngr:
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  variables = {"params": state["params"]}
+  if state.get("random_features"):
+    variables["random_features"] = state["random_features"]
+  if arrays is None:
+    arrays = task.load(split, data_dir=config.data_dir, max_length=config.max_length)
+  arrays = train_lib._pad_to(arrays, config.seq_len)  # pylint: disable=protected-access
+  names = ("inputs1", "inputs2") if task.dual else ("inputs",)
   found: dict[str, list[tuple]] = {}
-  for batch in batches:
-    if max_batch is not None:
-      batch = jax.tree.map(lambda a: a[:max_batch], batch)
-    _, state = model.apply(variables, **train.model_inputs(batch), deterministic=True,
-                           capture_intermediates=lambda mdl, _: mdl.name in ("query", "key", "value"),
-                           mutable=["intermediates"])
-    tree = state["intermediates"]
-    for path, q, k, v in _projections(tree):
-      tokens = _tokens_for(path, batch)
-      mask = None if tokens is None else tokens != 0
+  for i in range(num_batches):
+    batch = {k: jnp.asarray(arrays[k][i * max_batch:(i + 1) * max_batch]) for k in names}
+    if batch[names[0]].shape[0] == 0:
+      break
+    _, state_vars = model.apply(
+        variables, *(batch[k] for k in names), train=False, mutable=["intermediates"],
+        capture_intermediates=lambda mdl, method: (mdl.name in ("query", "key", "value")
+                                                   and method == "__call__"))
+    mask = (batch[names[0]] != 0) if task.padded else None
+    for path, q, k, v in _projections(state_vars["intermediates"]):
       found.setdefault(path, []).append((q.astype(jnp.float32), k.astype(jnp.float32),
                                          v.astype(jnp.float32), mask))
   if not found:
@@ -171,27 +195,16 @@ def checkpoint_inputs(workdir: str, *, num_batches: int = 1, split: str = "valid
 
 
 def _projections(tree, prefix=""):
-  """Yields (path, q, k, v) for every dict in ``tree`` holding query, key and value."""
-  if not isinstance(tree, dict) and not hasattr(tree, "items"):
+  """Yields (path, q, k, v) for every dict in ``tree`` holding query, key and value (the
+  first call's outputs)."""
+  if not hasattr(tree, "items"):
     return
-  keys = set(tree.keys())
-  if {"query", "key", "value"} <= keys:
+  if {"query", "key", "value"} <= set(tree.keys()):
     get = lambda name: tree[name]["__call__"][0]
     yield prefix or "attention", get("query"), get("key"), get("value")
   for name, sub in tree.items():
-    if name in ("query", "key", "value"):
-      continue
-    yield from _projections(sub, f"{prefix}/{name}" if prefix else name)
-
-
-def _tokens_for(path: str, batch: dict):
-  """The token ids that fed the layer at ``path`` (the second document for retrieval's
-  second tower when the model names it so), used for the padding mask (pad id 0)."""
-  if "inputs" in batch:
-    return batch["inputs"]
-  if "inputs1" in batch:
-    return batch["inputs2"] if "2" in path.split("/")[0] else batch["inputs1"]
-  return None
+    if name not in ("query", "key", "value"):
+      yield from _projections(sub, f"{prefix}/{name}" if prefix else name)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -317,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           try:
             row.update(evaluate(comp, weight, m, inputs, args.seed))
           except Exception as err:  # pylint: disable=broad-except
-            row.update({"matrix_err": None, "output_err": None, "error": f"{type(err).__name__}: {err}"})
+            row.update({"matrix_err": None, "output_err": None,
+                        "error": f"{type(err).__name__}: {err}"})
           results.append(row)
       if not args.quiet:
         print(f"[approximation] {comp}-{weight} done ({time.time() - start:.0f} s)", flush=True)

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 # configs/ (imported as ``configs.base_<task>``) sits next to the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -264,37 +264,6 @@ def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
   return rows
 
 
-ABLATIONS = {
-    "remat": {"REMAT_FEATURES": True},
-    "bf16-features": {"LOW_PRECISION_FEATURES": True},
-    "remat+bf16-features": {"REMAT_FEATURES": True, "LOW_PRECISION_FEATURES": True},
-}
-
-
-def run_ablations(specs: list[str], args, log) -> list[dict]:
-  """``task/attention`` configurations again with the performance switches of
-  ``spectraformer_jax.attention`` flipped as in ``ABLATIONS`` (built in this thread only, after
-  the compile pool has finished, so no other trace sees the flipped switches)."""
-  from spectraformer_jax import attention  # pylint: disable=import-outside-toplevel
-  rows = []
-  for spec in specs:
-    task, name = spec.split("/", 1)
-    for label, switches in ABLATIONS.items():
-      saved = {k: getattr(attention, k) for k in switches}
-      for k, value in switches.items():
-        setattr(attention, k, value)
-      try:
-        row = measure_step(task, parse_variant(name), args)
-      finally:
-        for k, value in saved.items():
-          setattr(attention, k, value)
-      row["attention"] = f"{name}[{label}]"
-      rows.append(row)
-      log(f"[ablation] {task} {row['attention']}: " + (
-          f"{row['median_ms']:.2f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
-  return rows
-
-
 # ----------------------------------------------------------------------------- sweep
 
 
@@ -331,15 +300,16 @@ def run_sweep(variants: list[tuple], lengths: list[int], args, log) -> list[dict
         rows.append(row)
         continue
       if variant[0] == "softmax" and args.softmax_max_length and n > args.softmax_max_length:
-        row["error"] = f"skipped: plain softmax above --softmax_max_length={args.softmax_max_length}"
+        row["error"] = ("skipped: plain softmax above "
+                        f"--softmax_max_length={args.softmax_max_length}")
         rows.append(row)
         continue
       try:
         compiled, params, x = build_layer_step(variant, n, batch, args)
         row["static_memory"] = common.compiled_memory(compiled)
-        row.update(common.time_calls(lambda: compiled(params, x), warmup=args.warmup,
-                                     reps=args.reps))
-        del compiled, params, x
+        call = lambda c=compiled, p=params, xx=x: c(p, xx)
+        row.update(common.time_calls(call, warmup=args.warmup, reps=args.reps))
+        del call, compiled, params, x  # free the device buffers before the next length
       except Exception as err:  # pylint: disable=broad-except
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         row["oom"] = common.is_out_of_memory(err)
@@ -610,9 +580,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       "baselines, posrf-orf and oprf-fastfoodl where selected (only on backends "
                       "with memory stats); 'all'; 'none'")
   p.add_argument("--memory_workers", type=int, default=6)
-  p.add_argument("--ablations", default="none",
-                 help="task/attention,... timed again with the RF-core performance switches "
-                      "(attention.REMAT_FEATURES, LOW_PRECISION_FEATURES) on")
   p.add_argument("--max_seconds", type=int, default=0,
                  help="start no further task or sweep point after this many seconds (0: no limit)")
   p.add_argument("--child_timeout", type=int, default=300)
@@ -688,8 +655,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       f"sweep {len(lengths)} lengths")
   start = time.time()
   steps = run_steps(tasks, variants, args, log)
-  ablation_specs = common.parse_list(args.ablations) if args.ablations != "none" else []
-  steps += run_ablations(ablation_specs or [], args, log)
   for r in steps:
     out = mem.get(f"{r['task']}/{r['attention']}")
     if out is not None:
