@@ -241,12 +241,34 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def compiled_memory(compiled: Any) -> Optional[dict[str, int]]:
+  """Static memory of a compiled executable (``jit(f).lower(...).compile()``).
+
+  ``total_bytes`` = arguments + outputs + temporaries - aliased (donated) bytes: what the
+  executable holds at once if nothing else is live. ``peak_bytes`` is XLA's own estimate
+  where the backend reports one. Returns None if the backend has no memory analysis. (XLA:CPU's
+  ``peak_memory_in_bytes`` leaves out temporaries, so ``total_bytes`` is the figure to use.)
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if stats is None:
+    return None
+  out = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "alias", "generated_code")}
+  out["total_bytes"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  peak = getattr(stats, "peak_memory_in_bytes", None)
+  out["peak_bytes"] = int(peak) if peak else None
+  return out
+
+
 def peak_memory(compiled_step) -> tuple[Optional[int], str]:
   """Peak device memory in bytes and where it comes from.
 
   ``memory_stats()["peak_bytes_in_use"]`` (max over local devices; process-lifetime peak) where
   the backend reports it (GPU, TPU); otherwise the compiled train step's ``memory_analysis()``
-  (CPU), an XLA estimate of one step's footprint.
+  (CPU): ``compiled_memory(...)['total_bytes']``, an XLA estimate of one step's footprint.
   """
   peaks = []
   for device in jax.local_devices():
@@ -258,18 +280,10 @@ def peak_memory(compiled_step) -> tuple[Optional[int], str]:
       peaks.append(int(stats["peak_bytes_in_use"]))
   if peaks:
     return max(peaks), "memory_stats.peak_bytes_in_use"
-  try:
-    analysis = compiled_step.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    analysis = None
-  if analysis is None:
+  static = compiled_memory(compiled_step)
+  if static is None:
     return None, "unavailable"
-  peak = getattr(analysis, "peak_memory_in_bytes", None)
-  if not peak:
-    peak = sum(getattr(analysis, f, 0) or 0 for f in (
-        "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-        "generated_code_size_in_bytes")) - (getattr(analysis, "alias_size_in_bytes", 0) or 0)
-  return int(peak), "compiled.memory_analysis"
+  return static["total_bytes"], "compiled.memory_analysis"
 
 
 # --------------------------------------------------------------------------------------------

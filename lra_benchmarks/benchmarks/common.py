@@ -45,27 +45,6 @@ def time_calls(call: Callable[[], Any], *, warmup: int = 2, reps: int = 10) -> d
 MIB = 2**20
 
 
-def compiled_memory(compiled: Any) -> Optional[dict[str, int]]:
-  """Static memory of a compiled executable (``jit(f).lower(...).compile()``).
-
-  ``total_bytes`` = arguments + outputs + temporaries - aliased (donated) bytes: what the
-  executable holds at once if nothing else is live. ``peak_bytes`` is XLA's own estimate
-  where the backend reports one. Returns None if the backend has no memory analysis.
-  """
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if stats is None:
-    return None
-  out = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "temp", "alias", "generated_code")}
-  out["total_bytes"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  peak = getattr(stats, "peak_memory_in_bytes", None)
-  out["peak_bytes"] = int(peak) if peak else None
-  return out
-
-
 def device_peak_bytes() -> Optional[int]:
   """The process-lifetime ``peak_bytes_in_use`` of device 0 (None on CPU: no stats)."""
   stats = jax.devices()[0].memory_stats()

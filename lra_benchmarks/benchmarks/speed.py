@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lra_benchmarks import train_lib
 from lra_benchmarks.benchmarks import common
 
 # The study's shapes: (batch, length); retrieval feeds two documents of this length.
@@ -128,7 +129,7 @@ def build_step(task: str, variant: tuple, args):
   """(compiled train step, state, batch) for one task and attention; the step is
   ``jit(train_lib.make_train_step(...), donate_argnums=0)`` compiled ahead of time."""
   from lra_benchmarks import data as lra_data  # pylint: disable=import-outside-toplevel
-  from lra_benchmarks import models, train_lib  # pylint: disable=import-outside-toplevel
+  from lra_benchmarks import models  # pylint: disable=import-outside-toplevel
   config = task_config(task, variant, args)
   info = lra_data.get_task(task)
   model_config = train_lib.validate_config(config, info)
@@ -166,7 +167,7 @@ def measure_step(task: str, variant: tuple, args, built=None) -> dict:
          TASK_SHAPES[task][0], "length": args.length or TASK_SHAPES[task][1]}
   try:
     compiled, state, batch = built if built is not None else build_step(task, variant, args)
-    row["static_memory"] = common.compiled_memory(compiled)
+    row["static_memory"] = train_lib.compiled_memory(compiled)
     holder = {"state": state}
 
     def call():
@@ -306,7 +307,7 @@ def run_sweep(variants: list[tuple], lengths: list[int], args, log) -> list[dict
         continue
       try:
         compiled, params, x = build_layer_step(variant, n, batch, args)
-        row["static_memory"] = common.compiled_memory(compiled)
+        row["static_memory"] = train_lib.compiled_memory(compiled)
         call = lambda c=compiled, p=params, xx=x: c(p, xx)
         row.update(common.time_calls(call, warmup=args.warmup, reps=args.reps))
         del call, compiled, params, x  # free the device buffers before the next length
