@@ -484,6 +484,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        f"accuracy {val['accuracy']:.4f}")
       if val["accuracy"] > meta["best_accuracy"]:
         meta.update(best_accuracy=float(val["accuracy"]), best_step=step, evals_since_best=0)
+        if step in best_mngr.all_steps():
+          # Saved by a run killed before its next latest checkpoint; this resumed run redoes it.
+          best_mngr.delete(step)
         best_mngr.save(step, args=_checkpoint_args(state, meta), force=True)
       else:
         meta["evals_since_best"] += 1

@@ -101,3 +101,29 @@ def test_common_helpers():
     common.select_pairs("nope:orf")
   table = common.markdown_table(["a", "b"], [[1.23456, None], [float("nan"), 2]])
   assert table.splitlines()[2] == "| 1.23 | - |" and "nan" in table
+
+
+def test_attention_table_is_the_output_error_of_rf_attention():
+  """attention_table (a thin CLI over approximation) reports |rf - exact| / |exact| of the
+  attention output, with W drawn from fold_in(key(seed + 1), draw) as its recorded tables."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from lra_benchmarks import attention_table  # pylint: disable=import-outside-toplevel
+  from spectraformer_jax import attention, registry  # pylint: disable=import-outside-toplevel
+  n, dim, seeds = 16, 8, 2
+  with jax.default_matmul_precision("highest"):
+    got = attention_table.relative_errors("posrf", "orf", [8, 16], n=n, dim=dim, scale=0.5,
+                                          seeds=seeds)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k = (0.5 * jax.random.normal(keys[i], (2, n, 2, dim)) for i in (0, 1))
+    v = jax.random.normal(keys[2], (2, n, 2, dim))
+    exact = attention.softmax_attention(q, k, v)
+    comp, spec = registry.check_pair("posrf", "orf")
+    for m in (8, 16):
+      errs = []
+      for s in range(seeds):
+        wkey, _ = jax.random.split(jax.random.fold_in(jax.random.key(1), s))
+        w = spec.matrix(*spec.init(wkey, m, dim))
+        out = attention.rf_attention(q, k, v, w, component=comp)
+        errs.append(float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)))
+      assert got[m] == pytest.approx(np.mean(errs), rel=1e-4)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -87,6 +88,21 @@ def test_trains_loss_falls_and_kill_and_resume_equals_uninterrupted_run(tmp_path
   assert [r["step"] for r in read_metrics(interrupted)] == list(range(1, 25))
   assert [r["loss"] for r in read_metrics(interrupted)] == losses
   assert resumed["test_accuracy"] == results["test_accuracy"]
+
+
+def test_resume_after_kill_between_best_and_latest_checkpoint(tmp_path):
+  """A run killed after saving a best checkpoint but before the latest checkpoint of that step
+  re-evaluates the step on resume: the best checkpoint is replaced, not a StepAlreadyExists."""
+  config = tiny_config(eval_every=4, checkpoint_every=8)
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(config, workdir, datasets=DATASETS, stop_at_step=12)
+  (best,) = os.listdir(os.path.join(workdir, "best"))
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):  # the kill: latest < best
+    if int(step) >= int(best):
+      shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  resumed = train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)
+  assert resumed["steps"] == 24
+  assert os.listdir(os.path.join(workdir, "best")) == [str(resumed["best_step"])]
 
 
 def test_cli_on_eight_devices_matches_one_device(tmp_path, listops_dir):

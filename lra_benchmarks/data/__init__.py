@@ -15,10 +15,6 @@ import numpy as np
 
 from lra_benchmarks.data.common import DataNotFoundError, MalformedDataError, SPLITS
 
-_MODULES = {"listops": "listops", "text": "text", "retrieval": "retrieval",
-            "image": "image", "pathfinder": "pathfinder"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One LRA task. ``padded``: token 0 is padding (mask ``inputs != 0``); when
@@ -35,7 +31,7 @@ class Task:
     """``split`` in {"train", "validation", "test"} -> {"inputs": int32[N, L] (retrieval:
     "inputs1", "inputs2"), "targets": int32[N]}, 0-padded to exactly L = max_length
     (default ``default_max_length``; pathfinder: resolution ** 2)."""
-    module = importlib.import_module(f"lra_benchmarks.data.{_MODULES[self.name]}")
+    module = importlib.import_module(f"lra_benchmarks.data.{self.name}")  # lazy: tfds only where needed
     return module.load(split, data_dir=data_dir, max_length=max_length, **options)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -89,3 +90,10 @@ def resolve_max_length(max_length: int | None, default: int) -> int:
   if max_length <= 0:
     raise ValueError(f"max_length must be positive, got {max_length}")
   return max_length
+
+
+def numeric_key(name: str) -> tuple[int, str]:
+  """Sort key for file names by their leading number (``"12_3.txt"`` -> ``(12, name)``;
+  names without one first), so ``2.npy`` comes before ``10.npy``."""
+  m = re.match(r"(\d+)", name)
+  return (int(m.group(1)) if m else -1, name)

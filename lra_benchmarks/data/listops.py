@@ -109,8 +109,12 @@ def generate_chunk(seed: int, chunk: int, num_candidates: int = CHUNK, *,
     val = rng.integers(0, 10, size=n - n_op)
     length += np.bincount(tree, weights=op.astype(np.float64) + 1.0,
                           minlength=n_cand).astype(np.int64)
-    lv_tree.append(tree); lv_parent.append(parent); lv_op.append(op)
-    lv_k.append(k); lv_ot.append(ot); lv_val.append(val)
+    lv_tree.append(tree)
+    lv_parent.append(parent)
+    lv_op.append(op)
+    lv_k.append(k)
+    lv_ot.append(ot)
+    lv_val.append(val)
     if n_op == 0:
       break
     parent = np.repeat(np.flatnonzero(op), k)
@@ -242,7 +246,9 @@ def generate(seed: int = 0, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL,
       if key in seen:
         continue
       seen.add(key)
-      toks.append(t); lens.append(res["lengths"][i]); tgts.append(res["targets"][i])
+      toks.append(t)
+      lens.append(res["lengths"][i])
+      tgts.append(res["targets"][i])
       if render:
         lines.append(res["lines"][i])
       count += 1
@@ -455,7 +461,9 @@ def read_tsv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
           f"{path}:{i}: target {parts[1][:20]!r} is not an integer") from None
     if not 0 <= t < NUM_CLASSES:
       raise common.MalformedDataError(f"{path}:{i}: target {t} is not in 0..9")
-    sources.append(parts[0]); targets.append(t); line_numbers.append(i)
+    sources.append(parts[0])
+    targets.append(t)
+    line_numbers.append(i)
   ids, lengths = tokenize_sources(sources, path, line_numbers)
   return ids, lengths, np.array(targets, dtype=np.int32)
 

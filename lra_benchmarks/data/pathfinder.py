@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import re
 
 import numpy as np
 
@@ -52,14 +51,9 @@ def find_dir(data_dir: str, resolution: int, difficulty: str) -> str:
   raise common.missing("pathfinder", tried, common.LRA_RELEASE_HOW)
 
 
-def _num_key(name: str):
-  m = re.match(r"(\d+)", name)
-  return (int(m.group(1)) if m else -1, name)
-
-
 def read_metadata(folder: str) -> tuple[list[str], np.ndarray]:
   meta_dir = os.path.join(folder, "metadata")
-  files = sorted((n for n in os.listdir(meta_dir) if n.endswith(".npy")), key=_num_key)
+  files = sorted((n for n in os.listdir(meta_dir) if n.endswith(".npy")), key=common.numeric_key)
   if not files:
     raise common.missing("pathfinder", [os.path.join(meta_dir, "*.npy")], common.LRA_RELEASE_HOW)
   paths, labels = [], []

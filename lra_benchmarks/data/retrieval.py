@@ -55,7 +55,9 @@ def read_tsv(path: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
           f"{path}:{i}: label {parts[0][:20]!r} is not a number") from None
     if lab not in (0.0, 1.0):
       raise common.MalformedDataError(f"{path}:{i}: label {lab} is not 0 or 1")
-    labels.append(int(lab)); t1.append(parts[3]); t2.append(parts[4])
+    labels.append(int(lab))
+    t1.append(parts[3])
+    t2.append(parts[4])
   return t1, t2, np.array(labels, dtype=np.int32)
 
 

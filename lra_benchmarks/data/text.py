@@ -15,7 +15,6 @@ TensorFlow needed once the data is prepared; ``data_dir`` is the tfds data dir);
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
@@ -40,11 +39,6 @@ def find_aclimdb(data_dir: str) -> str | None:
   return None
 
 
-def _numeric_key(name: str):
-  m = re.match(r"(\d+)", name)
-  return (int(m.group(1)) if m else -1, name)
-
-
 def read_aclimdb(root: str, imdb_split: str) -> tuple[list[bytes], np.ndarray]:
   """Reads ``root/{split}/{neg,pos}/*.txt`` (neg first, files by numeric id)."""
   texts, labels = [], []
@@ -52,7 +46,7 @@ def read_aclimdb(root: str, imdb_split: str) -> tuple[list[bytes], np.ndarray]:
     d = os.path.join(root, imdb_split, sub)
     if not os.path.isdir(d):
       raise common.missing("text", [d], TFDS_HOW)
-    for name in sorted((n for n in os.listdir(d) if n.endswith(".txt")), key=_numeric_key):
+    for name in sorted((n for n in os.listdir(d) if n.endswith(".txt")), key=common.numeric_key):
       with open(os.path.join(d, name), "rb") as f:
         texts.append(f.read())
       labels.append(label)
