@@ -86,6 +86,28 @@ def _guarded_divide(num, den, mag, eps):
   return jnp.where((den == 0)[..., None], jnp.zeros_like(out), out)
 
 
+def _prepare_linear(phi_q, phi_k, v, mask, q_mask):
+  """Shared prologue of the linear attentions: checks shapes and masks, zeroes masked keys.
+
+  Returns ``(phi_q, phi_k, v, q_mask)`` with the feature rows and values of masked keys set to
+  zero and ``q_mask`` validated (bool or None).
+  """
+  phi_q, phi_k, v = jnp.asarray(phi_q), jnp.asarray(phi_k), jnp.asarray(v)
+  if phi_q.shape[-1] != phi_k.shape[-1]:
+    raise ValueError(f"phi_q and phi_k need the same feature dim, got {phi_q.shape[-1]} and "
+                     f"{phi_k.shape[-1]}.")
+  if phi_k.shape[-2] != v.shape[-2]:
+    raise ValueError(f"phi_k and v need the same length, got {phi_k.shape[-2]} and "
+                     f"{v.shape[-2]}.")
+  lead = jnp.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
+  mask = _check_mask(mask, phi_k.shape[-2], "mask (key mask)", lead)
+  q_mask = _check_mask(q_mask, phi_q.shape[-2], "q_mask", lead)
+  if mask is not None:
+    phi_k = jnp.where(mask[..., None], phi_k, 0)
+    v = jnp.where(mask[..., None], v, 0)
+  return phi_q, phi_k, v, q_mask
+
+
 # ----------------------------------------------------------------------------- bidirectional
 
 
@@ -108,19 +130,7 @@ def linear_attention(phi_q, phi_k, v, mask=None, q_mask=None, *, eps: float = DE
   Returns:
     ``[..., n, dv]`` in the promoted dtype of the inputs.
   """
-  phi_q, phi_k, v = jnp.asarray(phi_q), jnp.asarray(phi_k), jnp.asarray(v)
-  if phi_q.shape[-1] != phi_k.shape[-1]:
-    raise ValueError(f"phi_q and phi_k need the same feature dim, got {phi_q.shape[-1]} and "
-                     f"{phi_k.shape[-1]}.")
-  if phi_k.shape[-2] != v.shape[-2]:
-    raise ValueError(f"phi_k and v need the same length, got {phi_k.shape[-2]} and "
-                     f"{v.shape[-2]}.")
-  lead = jnp.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
-  mask = _check_mask(mask, phi_k.shape[-2], "mask (key mask)", lead)
-  q_mask = _check_mask(q_mask, phi_q.shape[-2], "q_mask", lead)
-  if mask is not None:
-    phi_k = jnp.where(mask[..., None], phi_k, 0)
-    v = jnp.where(mask[..., None], v, 0)
+  phi_q, phi_k, v, q_mask = _prepare_linear(phi_q, phi_k, v, mask, q_mask)
   kv = jnp.einsum("...lf,...ld->...fd", phi_k, v, precision=precision)
   num = jnp.einsum("...nf,...fd->...nd", phi_q, kv, precision=precision)
   den = jnp.einsum("...nf,...f->...n", phi_q, jnp.sum(phi_k, axis=-2), precision=precision)
@@ -232,16 +242,7 @@ def causal_linear_attention(phi_q, phi_k, v, chunk_size: int = DEFAULT_CHUNK_SIZ
   extra memory); the result does not depend on ``chunk_size`` (up to float rounding).
   Arguments as in ``linear_attention``.
   """
-  phi_q, phi_k, v = jnp.asarray(phi_q), jnp.asarray(phi_k), jnp.asarray(v)
-  if phi_q.shape[-1] != phi_k.shape[-1]:
-    raise ValueError(f"phi_q and phi_k need the same feature dim, got {phi_q.shape[-1]} and "
-                     f"{phi_k.shape[-1]}.")
-  lead = jnp.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
-  mask = _check_mask(mask, phi_k.shape[-2], "mask (key mask)", lead)
-  q_mask = _check_mask(q_mask, phi_q.shape[-2], "q_mask", lead)
-  if mask is not None:
-    phi_k = jnp.where(mask[..., None], phi_k, 0)
-    v = jnp.where(mask[..., None], v, 0)
+  phi_q, phi_k, v, q_mask = _prepare_linear(phi_q, phi_k, v, mask, q_mask)
   ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
   # One pass gives numerator and normaliser: append a column of ones to v.
   both = causal_prefix_product(phi_q, phi_k, jnp.concatenate([v, ones], -1), chunk_size,

@@ -93,16 +93,25 @@ def _head_max(logits, mask):
   return jax.lax.stop_gradient(c)
 
 
+def _key_exp(ly, mask, stabilize):
+  """``exp`` of key log-features with the head stabiliser; masked rows are exactly zero.
+
+  Masked rows are replaced by 0 *before* ``exp`` as well: the head stabiliser ignores them, so
+  their shifted log-features can exceed ~88 and overflow, and ``where(mask, exp(ly), 0)`` alone
+  would then give NaN gradients (``0 * inf``) although the forward value is fine.
+  """
+  if stabilize:
+    ly = ly - _head_max(ly, mask)
+  if mask is None:
+    return jnp.exp(ly)
+  return jnp.where(mask, jnp.exp(jnp.where(mask, ly, 0.0)), 0.0)
+
+
 def _exp_pair(lx, ly, y_mask_b, stabilize):
   """Positive features from log-features of both sides with the contract's stabilisers."""
   if stabilize:
     lx = lx - _row_max(lx)
-    ly = ly - _head_max(ly, y_mask_b)
-  phi_x = jnp.exp(lx)
-  phi_y = jnp.exp(ly)
-  if y_mask_b is not None:
-    phi_y = jnp.where(y_mask_b, phi_y, 0.0)
-  return phi_x, phi_y
+  return jnp.exp(lx), _key_exp(ly, y_mask_b, stabilize)
 
 
 def _check(x, y, w):
@@ -143,9 +152,9 @@ def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
   yb = _key_mask(y, y_mask)
   if stabilize:
     nx = jnp.zeros_like(nx)
-    ny = ny - _head_max(ny, yb)
   phi_x = jnp.exp(nx) / math.sqrt(m) * jnp.concatenate([jnp.cos(px), jnp.sin(px)], -1)
-  phi_y = jnp.exp(ny) / math.sqrt(m) * jnp.concatenate([jnp.cos(py), jnp.sin(py)], -1)
+  phi_y = (_key_exp(ny, yb, stabilize) / math.sqrt(m)
+           * jnp.concatenate([jnp.cos(py), jnp.sin(py)], -1))
   if yb is not None:
     phi_y = jnp.where(yb, phi_y, 0.0)
   return phi_x, phi_y
@@ -274,9 +283,8 @@ def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=T
   ly, py = _gerf_trig_parts(y, w, a)
   if stabilize:
     lx = lx - _row_max(lx)
-    ly = ly - _head_max(ly, yb)
   phi_x = jnp.exp(lx)
-  phi_y = jnp.exp(ly)
+  phi_y = _key_exp(ly, yb, stabilize)
   phi_x = jnp.concatenate([phi_x * jnp.cos(px), phi_x * jnp.sin(px)], -1)
   # key side: [Re, -Im] of exp(-i b omega.y) = [cos, sin]
   phi_y = jnp.concatenate([phi_y * jnp.cos(py), phi_y * jnp.sin(py)], -1)
@@ -332,7 +340,8 @@ def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
 
 def sderf_phi(x, w, q, a):
   """SDERF of one side given ``(q, a) = stats.sderf_params(...)`` (see ``sderf_features``)."""
-  return jnp.exp(de_logits(jnp.einsum("...nd,...dk->...nk", _f32(x), q), w, a))
+  xq = jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
+  return jnp.exp(de_logits(xq, w, a))
 
 
 def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
@@ -354,9 +363,16 @@ def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   return _exp_pair(de_logits(xs, w, a), de_logits(ys, w, a), _key_mask(y, y_mask), stabilize)
 
 
+def _side_scale(psi, side):
+  """``psi`` for the query side, ``1 / psi`` for the key side."""
+  if side not in ("query", "key"):
+    raise ValueError(f"side must be 'query' or 'key', got {side!r}.")
+  return psi if side == "query" else 1.0 / psi
+
+
 def aderf_phi(x, w, psi, a, side="query"):
   """ADERF of one side given ``(psi, a) = stats.aderf_params(...)``; keys use ``1/psi``."""
-  scale = psi if side == "query" else 1.0 / psi
+  scale = _side_scale(psi, side)
   return jnp.exp(de_logits(_f32(x) * scale[..., None, :], w, a))
 
 
@@ -377,5 +393,5 @@ def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
 
 def saderf_phi(x, w, psi, a, side="query"):
   """SADERF of one side given ``psi`` and OPRF's ``a`` of the rescaled inputs."""
-  scale = psi if side == "query" else 1.0 / psi
+  scale = _side_scale(psi, side)
   return oprf_phi(_f32(x) * scale[..., None, :], w, a)

@@ -14,10 +14,9 @@ trained they estimate whatever kernel their spectral density defines (no longer 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectraformer_jax import weights
 
@@ -90,7 +89,9 @@ def gmm_init(key, num_features: int, dim: int, num_components: int = 4):
   The mixture weights are not learned (they would need a non-reparameterisable draw).
   """
   m, d = weights._check_shape(num_features, dim)  # pylint: disable=protected-access
-  c = max(1, min(int(num_components), m))
+  if not isinstance(num_components, (int, np.integer)) or num_components < 1:
+    raise ValueError(f"gmm: num_components must be a positive int, got {num_components!r}.")
+  c = min(int(num_components), m)
   eps = jax.random.normal(key, (m, d), jnp.float32)
   params = {"mu": jnp.zeros((c, d), jnp.float32), "log_sigma": jnp.zeros((c, d), jnp.float32)}
   buffers = {"eps": eps, "component": jnp.arange(m, dtype=jnp.int32) % c}

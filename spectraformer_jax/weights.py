@@ -488,7 +488,7 @@ def sparse_grid_gauss_hermite(d: int, level: int) -> tuple[np.ndarray, np.ndarra
   Returns (nodes float64[N, d], weights float64[N]); weights sum to 1.
   """
   if level < 1:
-    raise ValueError("level must be >= 1")
+    raise ValueError(f"sparse_grid_gauss_hermite: level must be >= 1, got {level!r}.")
   acc: dict[tuple, float] = {}
   for e in range(max(0, level - d), level):
     coef = (-1) ** (level - 1 - e) * math.comb(d - 1, level - 1 - e)

@@ -123,6 +123,24 @@ def test_masked_keys_give_zero_rows_and_do_not_matter(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_masked_keys_far_from_real_keys_give_finite_gradients(name):
+  # The head stabiliser ignores masked keys, so their shifted log-features can overflow exp;
+  # the forward value is masked either way, but the gradient must not become 0 * inf = NaN.
+  f, _ = PAIRS[name]
+  x, y, w = _data()
+  y_mask = jnp.broadcast_to(jnp.array([True, True, True, False, False]), y.shape[:-1])
+  params = C.gerf_init_params(None, x.shape[-1]) if name.startswith("gerf") else None
+  big_real = (y * 20.0).at[..., 3:, :].set(0.0)  # padding = zero vectors, real keys large
+  big_pad = y.at[..., 3:, :].set(20.0)           # padding larger than every real key
+  for yy in (big_real, big_pad):
+    loss = lambda x, y: jnp.sum(_est(*f(x, y, w, y_mask=y_mask, params=params)))
+    val, (gx, gy) = jax.value_and_grad(loss, argnums=(0, 1))(x, yy)
+    assert np.isfinite(val)
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))
+    assert np.all(np.asarray(gy)[..., 3:, :] == 0)  # masked keys get no gradient
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_stabiliser_is_row_times_head_constant(name):
   f, _ = PAIRS[name]
   x, y, w = _data(m=32)
@@ -255,3 +273,11 @@ def test_stats_have_no_gradient():
         stats.sderf_params(x, y)[1]) + jnp.sum(stats.aderf_params(x, y)[1])
 
   assert float(jnp.max(jnp.abs(jax.grad(f)(x)))) == 0.0
+
+
+@pytest.mark.parametrize("fn", [C.aderf_phi, C.saderf_phi])
+def test_per_side_phi_rejects_unknown_side(fn):
+  x, _, w = _data()
+  psi = jnp.ones(x.shape[:-2] + x.shape[-1:])
+  with pytest.raises(ValueError, match="'query' or 'key'.*'keys'"):
+    fn(x, w, psi, 0.0, side="keys")

@@ -106,3 +106,9 @@ def test_registry_learnable_specs():
     params, buffers = spec.init(jax.random.PRNGKey(0), 100, 24)
     assert spec.matrix(params, buffers).shape == (100, 24)
     assert jax.tree_util.tree_leaves(params)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_gmm_init_rejects_bad_num_components(bad):
+  with pytest.raises(ValueError, match="num_components"):
+    learned.gmm_init(jax.random.PRNGKey(0), 8, 4, num_components=bad)
