@@ -312,6 +312,21 @@ def _flax_masks(q, k, kv_mask, q_mask):
   return kv_mask, q_mask
 
 
+def masked_softmax_attention(q, k, v, allowed, *, precision=None):
+  """Softmax attention restricted to ``allowed`` (bool, broadcastable to
+  ``[batch..., heads, q_len, kv_len]``), Flax layout q/k/v; float32 ``[batch..., q_len, heads,
+  v_dim]``.  ``softmax(q.k / sqrt(head_dim))`` over the allowed keys, max-stabilised; a query with
+  no allowed key gives zeros."""
+  logits = jnp.einsum("...qhd,...khd->...hqk", _f32(q), _f32(k), precision=precision)
+  logits = jnp.where(allowed, logits / math.sqrt(q.shape[-1]), -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  w = jnp.where(allowed, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
+  s = w.sum(-1, keepdims=True)
+  w = w / jnp.where(s > 0, s, 1.0)
+  return jnp.einsum("...hqk,...khd->...qhd", w, _f32(v), precision=precision)
+
+
 def softmax_attention(q, k, v, kv_mask=None, q_mask=None, is_causal: bool = False, *,
                       precision=None):
   """Exact softmax attention (reference), Flax layout ``[batch..., len, heads, head_dim]``.
@@ -323,8 +338,6 @@ def softmax_attention(q, k, v, kv_mask=None, q_mask=None, is_causal: bool = Fals
   _check_qkv(q, k, v)
   kv_mask, q_mask = _flax_masks(q, k, kv_mask, q_mask)
   n, l = q.shape[-3], k.shape[-3]
-  logits = jnp.einsum("...qhd,...khd->...hqk", _f32(q), _f32(k), precision=precision)
-  logits = logits / math.sqrt(q.shape[-1])
   allowed = jnp.ones((n, l), bool)
   if is_causal:
     if n != l:
@@ -332,13 +345,7 @@ def softmax_attention(q, k, v, kv_mask=None, q_mask=None, is_causal: bool = Fals
     allowed = jnp.tril(allowed)
   if kv_mask is not None:
     allowed = allowed & kv_mask[..., None, None, :]
-  logits = jnp.where(allowed, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  w = jnp.where(allowed, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
-  s = w.sum(-1, keepdims=True)
-  w = w / jnp.where(s > 0, s, 1.0)
-  out = jnp.einsum("...hqk,...khd->...qhd", w, _f32(v), precision=precision)
+  out = masked_softmax_attention(q, k, v, allowed, precision=precision)
   if q_mask is not None:
     out = jnp.where(q_mask[..., :, None, None], out, 0)
   return out.astype(q.dtype)

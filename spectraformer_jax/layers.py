@@ -158,15 +158,7 @@ def _dense_softmax(q, k, v, dense_mask, kv_mask, q_mask, is_causal, attention, p
         v.shape[-1],))
     out = jnp.where(jnp.any(allowed, -1)[..., None].swapaxes(-2, -3), out, 0)
   else:
-    logits = jnp.einsum("...qhd,...khd->...hqk", q.astype(jnp.float32), k.astype(jnp.float32),
-                        precision=precision) / np.sqrt(q.shape[-1])
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    mx = jnp.max(logits, -1, keepdims=True)
-    mx = jax.lax.stop_gradient(jnp.where(jnp.isfinite(mx), mx, 0.0))
-    w = jnp.where(allowed, jnp.exp(logits - mx), 0.0)
-    s = w.sum(-1, keepdims=True)
-    w = w / jnp.where(s > 0, s, 1.0)
-    out = jnp.einsum("...hqk,...khd->...qhd", w, v.astype(jnp.float32), precision=precision)
+    out = attn.masked_softmax_attention(q, k, v, allowed, precision=precision)
   if q_mask is not None:
     out = jnp.where(q_mask[..., :, None, None], out, 0)
   return out
