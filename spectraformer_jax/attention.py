@@ -356,15 +356,12 @@ def _cudnn_allowed(q, implementation):
     return implementation == "cudnn"
   if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
     return False
-  d = q.shape[-1]
-  limit = 128
-  try:
-    cc = getattr(jax.devices()[0], "compute_capability", "0")
-    if float(cc) >= 9.0:
-      limit = 256
+  try:  # head_dim <= 256 on Hopper (compute capability 9.0) and newer, <= 128 before
+    hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
   except (TypeError, ValueError):
-    pass
-  return d % 8 == 0 and d <= limit
+    hopper = False
+  d = q.shape[-1]
+  return d % 8 == 0 and d <= (256 if hopper else 128)
 
 
 def _prefix_lengths(mask, kv_mask_is_prefix):

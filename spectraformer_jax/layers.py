@@ -38,6 +38,7 @@ with a mask shared along the query axis; the same rule in all three ``attention`
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -517,10 +518,8 @@ class RFMultiHeadAttention(nnx.Module):
     features_stream = self.feature_rngs
     if isinstance(rngs, nnx.Rngs):
       if self.redraw == "always":
-        try:
+        with contextlib.suppress(AttributeError, KeyError, ValueError):  # no such stream
           features_stream = getattr(rngs, FEATURES_STREAM)
-        except (AttributeError, KeyError, ValueError):
-          pass
       drop_stream = rngs.dropout
     else:
       drop_stream = rngs if rngs is not None else self.rngs
