@@ -226,6 +226,11 @@ class MetricWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    """Logs ``metrics`` (name -> scalar, cast with ``float``) at ``step``.
+
+    TensorBoard gets ``"{split}/{name}"`` scalars; ``metrics.jsonl`` gets one line
+    ``{"step", "split", "time", **metrics}``, flushed. No-op when disabled.
+    """
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -236,6 +241,7 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
+    """Closes the TensorBoard writer and the JSON lines file (no-op when disabled)."""
     if self.enabled:
       self._tb.close()
       self._jsonl.close()

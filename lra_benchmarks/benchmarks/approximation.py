@@ -278,6 +278,7 @@ def markdown(results: list[dict], env: dict, settings: dict) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """Parses the CLI flags (``None``: ``sys.argv[1:]``); argparse exits on bad ones."""
   p = argparse.ArgumentParser(prog="python -m lra_benchmarks.benchmarks.approximation",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--pairs", default="all", help="'all' or component:weight,...")
@@ -303,6 +304,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+  """Runs the benchmark and writes its files into ``--out_dir``.
+
+  A cell that raises is kept with ``matrix_err``/``output_err`` None and its
+  ``"error"``; bad ``--pairs`` raise ValueError (from ``common.select_pairs``).
+
+  Returns:
+    {"environment", "settings", "results": one dict per (component, weight, m,
+    input set)}, as written to ``approximation.json``.
+  """
   args = parse_args(argv)
   pairs = common.select_pairs(args.pairs, common.parse_list(args.components),
                               common.parse_list(args.weights))

@@ -50,6 +50,8 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
+  """The ``Task`` registered as ``name``; raises ValueError (listing the valid
+  names) for an unknown one."""
   try:
     return TASKS[name]
   except KeyError:

@@ -23,12 +23,15 @@ class MalformedDataError(ValueError):
 
 
 def check_split(split: str) -> str:
+  """Returns ``split`` unchanged; raises ValueError unless it is in ``SPLITS``."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   return split
 
 
 def cache_root() -> str:
+  """The cache root: ``$SPECTRAFORMER_JAX_CACHE`` if set and non-empty, else
+  ``~/.cache/spectraformer_jax``. Only computes the path; nothing is created."""
   root = os.environ.get(CACHE_ENV)
   if not root:
     root = os.path.join(os.path.expanduser("~"), ".cache", "spectraformer_jax")
@@ -36,6 +39,8 @@ def cache_root() -> str:
 
 
 def missing(task: str, tried: Iterable[str], how: str) -> DataNotFoundError:
+  """Builds (does not raise) a DataNotFoundError for ``task`` whose message lists
+  the ``tried`` paths, one per line, and ``how`` to obtain the data."""
   tried = list(tried)
   where = "\n".join(f"  - {p}" for p in tried)
   return DataNotFoundError(
@@ -84,6 +89,8 @@ def ragged_to_padded(flat: np.ndarray, lengths: np.ndarray, max_length: int,
 
 
 def resolve_max_length(max_length: int | None, default: int) -> int:
+  """``None`` -> ``default``, else ``int(max_length)``; raises ValueError if that is
+  not positive."""
   if max_length is None:
     return default
   max_length = int(max_length)

@@ -44,6 +44,8 @@ def rgb_to_grayscale(images: np.ndarray) -> np.ndarray:
 
 
 def find_pickles(data_dir: str) -> str | None:
+  """The folder holding ``test_batch``: ``data_dir`` or
+  ``data_dir/cifar-10-batches-py``; None if neither does."""
   for d in (data_dir, os.path.join(data_dir, "cifar-10-batches-py")):
     if os.path.exists(os.path.join(d, "test_batch")):
       return d
@@ -72,12 +74,31 @@ def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_pickles(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Reads ``data_batch_1..5`` (``train``) or ``test_batch`` from ``root``.
+
+  Returns:
+    (images uint8 ``[N, 32, 32, 3]``, labels int32 ``[N]``) in file order.
+
+  Raises:
+    DataNotFoundError: a batch file is missing.
+    MalformedDataError: a batch file is not a CIFAR-10 pickle batch.
+  """
   names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
   parts = [_read_batch(os.path.join(root, n)) for n in names]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def read_tfds(train: bool, data_dir: str | None, download: bool = False):
+def read_tfds(train: bool, data_dir: str | None,
+              download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Reads tfds ``cifar10`` (train or test split) via ``tfds.data_source``.
+
+  Returns:
+    (images uint8 ``[N, 32, 32, 3]``, labels int32 ``[N]``) in tfds order.
+
+  Raises:
+    ImportError: tensorflow_datasets is not installed.
+    DataNotFoundError: tfds cannot open the prepared data (its error is quoted).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     ds = tfds.data_source("cifar10", split="train" if train else "test",
@@ -99,6 +120,24 @@ def read_tfds(train: bool, data_dir: str | None, download: bool = False):
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
          source: str | None = None, download: bool = False,
          dtype=np.int32) -> dict[str, np.ndarray]:
+  """Loads one split as grayscale pixel tokens.
+
+  Args:
+    split: "train", "validation" or "test".
+    data_dir: tfds data dir, or the pickle folder / its parent.
+    max_length: None or 1024 (the only valid length).
+    source: "tfds", "pickle" or None (pickle if ``data_dir`` holds it).
+    download: let tfds download and prepare the data.
+    dtype: dtype of "inputs".
+
+  Returns:
+    {"inputs": ``dtype [N, 1024]`` values 0..255, "targets": int32 ``[N]``}.
+
+  Raises:
+    ValueError: bad ``split``, ``max_length`` or ``source``.
+    DataNotFoundError: the data is not found.
+    MalformedDataError: a pickle batch does not parse.
+  """
   common.check_split(split)
   if max_length is not None and int(max_length) != SEQ_LENGTH:
     raise ValueError(f"image: max_length must be {SEQ_LENGTH} (32 x 32 pixels), got {max_length}")

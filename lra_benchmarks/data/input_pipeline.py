@@ -23,7 +23,8 @@ import numpy as np
 def _num_examples(arrays: Mapping[str, np.ndarray]) -> int:
   sizes = {k: int(np.shape(v)[0]) for k, v in arrays.items()}
   if not sizes:
-    raise ValueError("arrays is empty")
+    raise ValueError("arrays has no entries: pass a mapping from names to arrays with a "
+                     "leading example axis, e.g. {'inputs': ..., 'targets': ...}")
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays disagree on the number of examples: {sizes}")
   return next(iter(sizes.values()))
@@ -38,6 +39,8 @@ def _check(batch_size: int, process_index: int, process_count: int) -> None:
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """int64 ``[n]`` permutation of ``range(n)`` for ``epoch``, drawn from
+  ``np.random.default_rng([seed, epoch])``."""
   return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
@@ -88,6 +91,8 @@ def train_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: in
 
 
 def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:
+  """``ceil(n / (batch_size * process_count))``: the batches ``eval_batches`` yields
+  on every host (0 when ``n == 0``)."""
   g = batch_size * process_count
   return -(-n // g)
 

@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -351,11 +351,14 @@ def generate_to_dir(output_dir: str, seed: int = 0, num_train: int = NUM_TRAIN,
 
 
 def default_cache_dir() -> str:
+  """``<cache_root()>/listops``, where generated sets are kept."""
   return os.path.join(common.cache_root(), "listops")
 
 
 def generated_dir(seed: int = 0, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL,
                   num_test: int = NUM_TEST, cache_dir: str | None = None) -> str:
+  """Folder of the generated set for these arguments (a path only; nothing is
+  created): ``<cache_dir>/v{FORMAT_VERSION}-seed{seed}-{train}-{val}-{test}``."""
   cache_dir = cache_dir or default_cache_dir()
   return os.path.join(cache_dir, f"v{FORMAT_VERSION}-seed{seed}-{num_train}-{num_val}-{num_test}")
 
@@ -363,6 +366,8 @@ def generated_dir(seed: int = 0, num_train: int = NUM_TRAIN, num_val: int = NUM_
 def ensure_generated(seed: int = 0, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL,
                      num_test: int = NUM_TEST, cache_dir: str | None = None,
                      workers: int | None = None, progress: bool = True) -> str:
+  """Returns ``generated_dir(...)``, first generating the set there unless its
+  ``tokens.npz`` exists."""
   path = generated_dir(seed, num_train, num_val, num_test, cache_dir)
   if not os.path.exists(os.path.join(path, "tokens.npz")):
     generate_to_dir(path, seed, num_train, num_val, num_test, workers=workers,
@@ -469,6 +474,9 @@ def read_tsv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def find_tsv_dir(data_dir: str, task_name: str = "basic") -> str:
+  """The first of ``data_dir``, ``data_dir/listops-1000`` and
+  ``data_dir/lra_release/listops-1000`` holding ``{task_name}_train.tsv`` or
+  ``{task_name}_test.tsv``; raises DataNotFoundError if none does."""
   tried = []
   for d in (data_dir, os.path.join(data_dir, "listops-1000"),
             os.path.join(data_dir, "lra_release", "listops-1000")):
@@ -546,7 +554,9 @@ def evaluate_text(source: str) -> int:
   return result
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI: generates a set into ``--output_dir`` (default: the loader's cache folder)
+  and prints its info; exits with an error if that folder exists."""
   p = argparse.ArgumentParser(description="Generate LRA ListOps (seeded, deduplicated).")
   p.add_argument("--output_dir", default=None,
                  help="target folder (default: the cache folder the loader uses)")

@@ -39,6 +39,15 @@ DIFFICULTIES = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9"
 
 
 def find_dir(data_dir: str, resolution: int, difficulty: str) -> str:
+  """The curv folder (holding ``metadata/``) for ``resolution`` and ``difficulty``.
+
+  Tries ``data_dir/pathfinder{R}/<curv>``, ``data_dir/lra_release/pathfinder{R}/<curv>``,
+  ``data_dir/<curv>`` and ``data_dir`` itself (only if named ``<curv>``).
+
+  Raises:
+    KeyError: ``difficulty`` is not a key of ``DIFFICULTIES``.
+    DataNotFoundError: none of those has ``metadata/``.
+  """
   sub = DIFFICULTIES[difficulty]
   tried = []
   for d in (os.path.join(data_dir, f"pathfinder{resolution}", sub),
@@ -52,6 +61,15 @@ def find_dir(data_dir: str, resolution: int, difficulty: str) -> str:
 
 
 def read_metadata(folder: str) -> tuple[list[str], np.ndarray]:
+  """Reads ``folder/metadata/*.npy`` (text; files in numeric order).
+
+  Returns:
+    (PNG paths under ``folder``, labels int32 ``[N]``), in metadata order.
+
+  Raises:
+    DataNotFoundError: no ``.npy`` metadata file.
+    MalformedDataError: a line lacks 4 fields or its label is not 0/1.
+  """
   meta_dir = os.path.join(folder, "metadata")
   files = sorted((n for n in os.listdir(meta_dir) if n.endswith(".npy")), key=common.numeric_key)
   if not files:
@@ -100,7 +118,8 @@ def _stamp(folder: str, resolution: int) -> str:
 
 
 def read_folder(folder: str, resolution: int, *, cache: bool = True,
-                cache_dir: str | None = None, workers: int | None = None):
+                cache_dir: str | None = None,
+                workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """-> (uint8 [N, R*R], int32 [N]) in metadata order, empty images dropped."""
   cpath = None
   if cache:
@@ -126,6 +145,8 @@ def read_folder(folder: str, resolution: int, *, cache: bool = True,
 
 
 def split_indices(n: int, split: str, split_seed: int = 0) -> np.ndarray:
+  """int64 indices into ``range(n)`` of ``split``: a ``split_seed`` permutation cut
+  80% / 10% / 10% into train / validation / test (KeyError for another split)."""
   perm = np.random.default_rng(split_seed).permutation(n)
   a, b = (n * 8) // 10, (n * 9) // 10
   return {"train": perm[:a], "validation": perm[a:b], "test": perm[b:]}[split]
@@ -135,6 +156,29 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
          resolution: int = 32, difficulty: str = "hard", split_seed: int = 0,
          cache: bool = True, cache_dir: str | None = None, workers: int | None = None,
          dtype=np.int32) -> dict[str, np.ndarray]:
+  """Loads one split as pixel tokens (see the module docstring for the layout).
+
+  Args:
+    split: "train", "validation" or "test".
+    data_dir: ``<root>``, ``<root>/pathfinder{R}`` or the curv folder (required).
+    max_length: None or ``resolution ** 2`` (the only valid length).
+    resolution: image side R, one of ``RESOLUTIONS``.
+    difficulty: "easy", "intermediate" or "hard".
+    split_seed: seed of the permutation that cuts the splits.
+    cache: read / write decoded images under ``cache_dir``.
+    cache_dir: default ``$SPECTRAFORMER_JAX_CACHE/pathfinder``.
+    workers: PNG decoding threads.
+    dtype: dtype of "inputs".
+
+  Returns:
+    {"inputs": ``dtype [N, R*R]`` values 0..255, "targets": int32 ``[N]``}.
+
+  Raises:
+    ValueError: bad ``split``, ``resolution``, ``difficulty`` or ``max_length``.
+    DataNotFoundError: ``data_dir`` is None or holds no such folder.
+    MalformedDataError: metadata does not parse, or a listed PNG is missing or
+      not R x R.
+  """
   common.check_split(split)
   if resolution not in RESOLUTIONS:
     raise ValueError(f"pathfinder: resolution must be one of {RESOLUTIONS}, got {resolution}")

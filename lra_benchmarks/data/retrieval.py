@@ -24,6 +24,9 @@ PREFIX = "new_aan_pairs"
 
 
 def find_dir(data_dir: str) -> str:
+  """The first of ``data_dir``, ``data_dir/tsv_data`` and
+  ``data_dir/lra_release/tsv_data`` holding any ``new_aan_pairs.*.tsv``; raises
+  DataNotFoundError if none does."""
   tried = []
   for d in (data_dir, os.path.join(data_dir, "tsv_data"),
             os.path.join(data_dir, "lra_release", "tsv_data")):
@@ -35,6 +38,14 @@ def find_dir(data_dir: str) -> str:
 
 
 def read_tsv(path: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
+  """Reads one AAN pairs TSV (blank lines skipped, trailing ``\\r`` stripped).
+
+  Returns:
+    (text1 list of bytes, text2 list of bytes, labels int32 ``[N]``), untruncated.
+
+  Raises:
+    MalformedDataError: a row has not 5 fields, or a label that is not 0/1.
+  """
   with open(path, "rb") as f:
     rows = f.read().split(b"\n")
   t1, t2, labels = [], [], []
@@ -63,6 +74,23 @@ def read_tsv(path: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
 
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
          dtype=np.int32) -> dict[str, np.ndarray]:
+  """Loads one split as byte ids per document.
+
+  Args:
+    split: "train", "validation" or "test" (files train / eval / test).
+    data_dir: the ``tsv_data`` folder or a parent (required).
+    max_length: tokens per document (default 4000).
+    dtype: dtype of "inputs1" / "inputs2".
+
+  Returns:
+    {"inputs1", "inputs2": ``dtype [N, max_length]`` byte ids, 0-padded,
+    "targets": int32 ``[N]``}.
+
+  Raises:
+    ValueError: bad ``split`` or ``max_length``.
+    DataNotFoundError: ``data_dir`` is None or lacks the split's file.
+    MalformedDataError: the file does not parse.
+  """
   common.check_split(split)
   L = common.resolve_max_length(max_length, DEFAULT_MAX_LENGTH)
   if data_dir is None:

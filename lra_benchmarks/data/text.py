@@ -33,6 +33,8 @@ TFDS_HOW = ("with internet access (and TensorFlow, which tfds needs to prepare "
 
 
 def find_aclimdb(data_dir: str) -> str | None:
+  """The aclImdb folder: ``data_dir`` or ``data_dir/aclImdb``, whichever has
+  ``train/`` and ``test/`` subfolders; None if neither does."""
   for d in (data_dir, os.path.join(data_dir, "aclImdb")):
     if os.path.isdir(os.path.join(d, "train")) and os.path.isdir(os.path.join(d, "test")):
       return d
@@ -53,7 +55,17 @@ def read_aclimdb(root: str, imdb_split: str) -> tuple[list[bytes], np.ndarray]:
   return texts, np.array(labels, dtype=np.int32)
 
 
-def read_tfds(imdb_split: str, data_dir: str | None, download: bool = False):
+def read_tfds(imdb_split: str, data_dir: str | None,
+              download: bool = False) -> tuple[list[bytes | str], np.ndarray]:
+  """Reads tfds ``imdb_reviews`` split ``imdb_split`` ("train" or "test").
+
+  Returns:
+    (texts: bytes, or str from tfds mock data, labels int32 ``[N]``).
+
+  Raises:
+    ImportError: tensorflow_datasets is not installed.
+    DataNotFoundError: tfds cannot open the prepared data (its error is quoted).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     ds = tfds.data_source("imdb_reviews", split=imdb_split, data_dir=data_dir,
@@ -73,6 +85,23 @@ def read_tfds(imdb_split: str, data_dir: str | None, download: bool = False):
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
          source: str | None = None, download: bool = False,
          dtype=np.int32) -> dict[str, np.ndarray]:
+  """Loads one split as byte ids (validation and test are both IMDB test).
+
+  Args:
+    split: "train", "validation" or "test".
+    data_dir: tfds data dir, or the aclImdb folder / its parent.
+    max_length: tokens per example (default 4000).
+    source: "tfds", "aclimdb" or None (aclimdb if ``data_dir`` holds it).
+    download: let tfds download and prepare the data.
+    dtype: dtype of "inputs".
+
+  Returns:
+    {"inputs": ``dtype [N, max_length]`` byte ids, 0-padded, "targets": int32 ``[N]``}.
+
+  Raises:
+    ValueError: bad ``split``, ``max_length`` or ``source``.
+    DataNotFoundError: the data is not found.
+  """
   common.check_split(split)
   L = common.resolve_max_length(max_length, DEFAULT_MAX_LENGTH)
   imdb_split = _IMDB_SPLIT[split]
