@@ -104,3 +104,21 @@ def numeric_key(name: str) -> tuple[int, str]:
   names without one first), so ``2.npy`` comes before ``10.npy``."""
   m = re.match(r"(\d+)", name)
   return (int(m.group(1)) if m else -1, name)
+
+
+def open_tfds(task: str, name: str, split: str, data_dir: str | None, download: bool,
+              how: str):
+  """``tfds.data_source(name, split=...)``: a random-access sequence of examples (dicts).
+
+  Raises:
+    ImportError: tensorflow_datasets is not installed.
+    DataNotFoundError: tfds cannot open the prepared data (``how`` says how to get it; tfds'
+      own error is quoted, since it raises assorted errors for missing or TFRecord-only data).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  except Exception as e:  # pylint: disable=broad-except
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    raise missing(task, [os.path.join(where, name)],
+                  how + f" (tfds said: {type(e).__name__}: {e})") from e

@@ -99,14 +99,8 @@ def read_tfds(train: bool, data_dir: str | None,
     ImportError: tensorflow_datasets is not installed.
     DataNotFoundError: tfds cannot open the prepared data (its error is quoted).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    ds = tfds.data_source("cifar10", split="train" if train else "test",
-                          data_dir=data_dir, download=download)
-  except Exception as e:
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    raise common.missing("image", [os.path.join(where, "cifar10")],
-                         HOW + f" (tfds said: {type(e).__name__}: {e})") from e
+  ds = common.open_tfds("image", "cifar10", "train" if train else "test", data_dir, download,
+                        HOW)
   n = len(ds)
   imgs = np.zeros((n, 32, 32, 3), dtype=np.uint8)
   labels = np.zeros(n, dtype=np.int32)

@@ -66,14 +66,7 @@ def read_tfds(imdb_split: str, data_dir: str | None,
     ImportError: tensorflow_datasets is not installed.
     DataNotFoundError: tfds cannot open the prepared data (its error is quoted).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    ds = tfds.data_source("imdb_reviews", split=imdb_split, data_dir=data_dir,
-                          download=download)
-  except Exception as e:  # tfds raises assorted errors for missing / TFRecord-only data
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    raise common.missing("text", [os.path.join(where, "imdb_reviews")],
-                         TFDS_HOW + f" (tfds said: {type(e).__name__}: {e})") from e
+  ds = common.open_tfds("text", "imdb_reviews", imdb_split, data_dir, download, TFDS_HOW)
   texts, labels = [], np.zeros(len(ds), dtype=np.int32)
   for i in range(len(ds)):
     ex = ds[i]
