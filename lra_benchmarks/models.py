@@ -49,6 +49,7 @@ class ModelConfig:
   weight: str = "iid"
   num_features: int = 128
   redraw: str = "never"
+  fused: bool = True
   dtype: str = "float32"
 
   @classmethod
@@ -119,7 +120,8 @@ class EncoderBlock(nn.Module):
       attention_kwargs = dict(kv_mask_is_prefix=True)
     if cfg.attention == "spectraformer":
       attention_kwargs = dict(component=cfg.component, weight=cfg.weight,
-                              num_features=cfg.num_features, redraw=cfg.redraw)
+                              num_features=cfg.num_features, redraw=cfg.redraw,
+                              fused=cfg.fused)
     y = layers.RFMultiHeadDotProductAttention(
         num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
         dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,

@@ -399,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def redraw_features(state):
       key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
       variables = layers.redraw_random_features(
-          model, {"params": state.params, "random_features": state.random_features}, key)
+          model, {"params": state.params, "random_features": state.random_features}, key,
+          *example, train=False)
       return state.replace(random_features=variables["random_features"])
     redraw = jax.jit(redraw_features, out_shardings=shard.replicated)
 

@@ -455,11 +455,17 @@ def _to_heads(t):
   return jnp.swapaxes(t, -3, -2)
 
 
+def _feature_dtype(dtype):
+  """Storage dtype of the fused path's feature maps: the inputs' if 16-bit float, else f32."""
+  return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
 def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
                        is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       eps: float = DEFAULT_EPS, precision=None, stabilize: bool = True):
+                       eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
   """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
+  from spectraformer_jax import fused as fused_lib
   spec = _component_spec(component)
   d = q.shape[-1]
   scale = d ** -0.25
@@ -470,10 +476,13 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
                      f"{tuple(W.shape)}.")
   xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
   ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
-  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params,
-                               stabilize=stabilize)
+  if fused and not is_causal and spec.log_linear is not None:
+    form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params)
+    return fused_lib.positive_rf_attention(form, W, v, ym, xm,
+                                           feature_dtype=_feature_dtype(jnp.dtype(q.dtype)))
+  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
   phi_q, phi_k = _f32(phi_q), _f32(phi_k)
-  guard = not getattr(spec, "positive", False)
+  guard = not spec.positive
   if is_causal:
     return causal_linear_attention(phi_q, phi_k, _f32(v), chunk_size, mask=ym, q_mask=xm,
                                    eps=eps, guard=guard, precision=precision)
@@ -483,7 +492,7 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
 
 def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
                  is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 eps: float = DEFAULT_EPS, precision=None, stabilize: bool = True):
+                 eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
   """Random-feature attention, Flax layout: the pure core of the layers.
 
   Args:
@@ -496,11 +505,18 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     is_causal: causal attention (chunked prefix sums; needs q_len == kv_len).
     chunk_size: chunk length of the causal prefix sums.
     eps: relative normaliser floor (see module doc; active only for non-positive components).
-    precision: precision of the attention contractions (features use HIGHEST projections).
-    stabilize: passed to ``spec.features`` (True: max-shifted exponentials).
+    precision: precision of the attention contractions of the materialised path (features use
+      HIGHEST projections).
+    fused: for bidirectional attention with a positive log-linear component (every positive
+      one: ``spec.log_linear``), use ``fused.positive_rf_attention``: the ``[len, m]`` feature
+      maps are recomputed in the backward pass instead of stored, and kept in ``q``'s dtype
+      when that is bfloat16/float16 (exponentials and accumulation stay float32).  False, or
+      any other case (TrigRF, causal), materialises float32 features and calls
+      ``linear_attention`` / ``causal_linear_attention``.  Both compute the same function.
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
-  ``exp(q.k / sqrt(head_dim))``.  Features and accumulation in float32; output in ``q``'s dtype.
+  ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the
+  result is returned in ``q``'s dtype.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_qkv(q, k, v)
@@ -511,7 +527,7 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
   out = rf_attention_heads(_to_heads(q), _to_heads(k), _to_heads(v), W, component=component,
                            params=params, kv_mask=hm(kv_mask), q_mask=hm(q_mask),
                            is_causal=is_causal, chunk_size=chunk_size, eps=eps,
-                           precision=precision, stabilize=stabilize)
+                           precision=precision, fused=fused)
   return _to_heads(out).astype(q.dtype)
 
 

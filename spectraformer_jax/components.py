@@ -39,7 +39,7 @@ x^T C1 x)``, ``f2`` likewise with ``B2, C2``, ``D = det(I - 4A)^(1/4)``,
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +163,45 @@ def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
 # ----------------------------------------------------------------------------- DE core
 
 
+class LogLinear(NamedTuple):
+  """Log-features of a positive dense-exponential component, in log-linear form.
+
+  ``log phi_q[..., i, r] = xq[..., i, :] . W[r, :] + col[..., r] + row_q[..., i]`` and
+  ``log phi_k[..., j, r] = xk[..., j, :] . W[r, :] + col[..., r] + row_k[..., j]`` (one ``col`` for
+  both sides).  float32 ``xq [..., n, d]``, ``xk [..., l, d]``, ``col [..., m]``,
+  ``row_q [..., n]``, ``row_k [..., l]``.  Every component-specific transformation (rescaling,
+  rotation, ``sqrt(1 - 4A)``, ``A |omega|^2``, norms) is O((n + l) d + m d) work in here; the
+  ``[n, m]`` part is one projection and an ``exp``, which ``fused.positive_rf_attention``
+  computes without storing.
+  """
+  xq: jax.Array
+  xk: jax.Array
+  col: jax.Array
+  row_q: jax.Array
+  row_k: jax.Array
+
+
+def log_linear_logits(x, w, col, row):
+  """``x[..., n, d] @ W^T + col[..., None, :] + row[..., None]``: float32 ``[..., n, m]``."""
+  return _project(x, w) + col[..., None, :] + row[..., None]
+
+
+def _de_side(x, w, a):
+  """``(x', col, row)`` of the DE log-features of one side (module docstring):
+  ``x' = sqrt(1 - 4a) * x``, ``col_r = sum_k a_k w_rk^2 + sum_k log(1 - 4a_k)/4 - log(m)/2``,
+  ``row = -|x|^2/2``; ``a`` is None (A = 0) or ``[..., d]``."""
+  x, w = _f32(x), _f32(w)
+  m, d = w.shape
+  row = -0.5 * jnp.sum(x * x, axis=-1)
+  if a is None:
+    return x, jnp.full(x.shape[:-2] + (m,), -0.5 * math.log(m), jnp.float32), row
+  a = jnp.broadcast_to(_f32(a), x.shape[:-2] + (d,))  # scalars broadcast; use _scalar_a for [...]
+  log_d = 0.25 * jnp.sum(jnp.log1p(-4.0 * a), axis=-1)         # [...]
+  quad = jnp.einsum("md,...d->...m", w * w, a, precision=jax.lax.Precision.HIGHEST)
+  col = quad + log_d[..., None] - 0.5 * math.log(m)
+  return x * jnp.sqrt(1.0 - 4.0 * a)[..., None, :], col, row
+
+
 def de_logits(x, w, a=None):
   """Log-features of the diagonal dense-exponential family (see module docstring).
 
@@ -171,18 +210,25 @@ def de_logits(x, w, a=None):
   ``_scalar_a`` first).  Returns float32 ``[..., n, m]``:
   ``sum_k log(1-4a_k)/4 + sum_k a_k w_rk^2 + sum_k sqrt(1-4a_k) w_rk x_k - |x|^2/2 - log(m)/2``.
   """
-  x = _f32(x)
-  w = _f32(w)
-  m, d = w.shape
-  base = -0.5 * _sq_norm(x) - 0.5 * math.log(m)
-  if a is None:
-    return _project(x, w) + base
-  a = jnp.broadcast_to(_f32(a), x.shape[:-2] + (d,))  # scalars broadcast; use _scalar_a for [...]
-  b = jnp.sqrt(1.0 - 4.0 * a)                                  # [..., d]
-  log_d = 0.25 * jnp.sum(jnp.log1p(-4.0 * a), axis=-1)         # [...]
-  quad = jnp.einsum("md,...d->...m", w * w, a, precision=jax.lax.Precision.HIGHEST)
-  proj = _project(x * b[..., None, :], w)
-  return proj + quad[..., None, :] + log_d[..., None, None] + base
+  xs, col, row = _de_side(x, w, a)
+  return log_linear_logits(xs, w, col, row)
+
+
+def _de_pair(x, y, w, a=None) -> LogLinear:
+  """Both sides' DE log-features with the same ``a`` (None or ``[..., d]``) as a LogLinear."""
+  if a is not None:
+    a = jnp.broadcast_to(_f32(a), jnp.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+                         + (x.shape[-1],))
+  xq, col, row_q = _de_side(x, w, a)
+  xk, _, row_k = _de_side(y, w, a)
+  return LogLinear(xq, xk, col, row_q, row_k)
+
+
+def _positive_pair(form: LogLinear, w, y, y_mask, stabilize):
+  """Pair features of a LogLinear with the contract's stabilisers and key mask."""
+  return _exp_pair(log_linear_logits(form.xq, w, form.col, form.row_q),
+                   log_linear_logits(form.xk, w, form.col, form.row_k),
+                   _key_mask(y, y_mask), stabilize)
 
 
 def _scalar_a(a, x):
@@ -205,11 +251,16 @@ def posrf_phi(x, w):
   return jnp.exp(de_logits(x, w))
 
 
+def posrf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """PosRF's log-features ``W x - |x|^2/2 - log(m)/2`` of both sides as a LogLinear."""
+  del params, x_mask, y_mask
+  return _de_pair(x, y, w)
+
+
 def posrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
   """Pair PosRF features (registry contract), float32 ``[..., n, m]`` / ``[..., l, m]``."""
-  del params, x_mask
   _check(x, y, w)
-  return _exp_pair(de_logits(x, w), de_logits(y, w), _key_mask(y, y_mask), stabilize)
+  return _positive_pair(posrf_log_linear(x, y, w, params=params), w, y, y_mask, stabilize)
 
 
 # ----------------------------------------------------------------------------- GERF
@@ -264,6 +315,12 @@ def _gerf_trig_parts(x, w, a):
   return logamp, b * _project(x, w)
 
 
+def gerf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """GERF's (s = +1) log-features of both sides as a LogLinear; A from ``params``."""
+  del x_mask, y_mask
+  return _de_pair(x, y, w, _scalar_a(gerf_a(params), x))
+
+
 def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True, s=1):
   """Pair GERF features (registry contract); A from ``params`` (learnable, default A = 0).
 
@@ -272,13 +329,12 @@ def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=T
   """
   del x_mask
   _check(x, y, w)
-  a = gerf_a(params)
-  yb = _key_mask(y, y_mask)
   if s == 1:
-    return _exp_pair(de_logits(x, w, _scalar_a(a, x)), de_logits(y, w, _scalar_a(a, y)), yb,
-                     stabilize)
+    return _positive_pair(gerf_log_linear(x, y, w, params=params), w, y, y_mask, stabilize)
   if s != -1:
     raise ValueError(f"GERF sign s must be +1 or -1, got {s!r}.")
+  a = gerf_a(params)
+  yb = _key_mask(y, y_mask)
   lx, px = _gerf_trig_parts(x, w, a)
   ly, py = _gerf_trig_parts(y, w, a)
   if stabilize:
@@ -307,13 +363,17 @@ def oprf_phi(x, w, a):
   return jnp.exp(de_logits(x, w, _scalar_a(a, x)))
 
 
+def oprf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """OPRF's log-features of both sides as a LogLinear, ``A* = stats.oprf_a(x, y, masks)``."""
+  del params
+  return _de_pair(x, y, w, _scalar_a(stats.oprf_a(x, y, x_mask, y_mask), x))
+
+
 def oprf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
   """Pair OPRF features (registry contract): ``A* = stats.oprf_a(x, y, masks)`` per head."""
-  del params
   _check(x, y, w)
-  a = stats.oprf_a(x, y, x_mask, y_mask)
-  return _exp_pair(de_logits(x, w, _scalar_a(a, x)), de_logits(y, w, _scalar_a(a, y)),
-                   _key_mask(y, y_mask), stabilize)
+  form = oprf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
+  return _positive_pair(form, w, y, y_mask, stabilize)
 
 
 # ----------------------------------------------------------------------------- DERF family
@@ -330,12 +390,18 @@ def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``Q diag(b) Q^T``: the same estimator with ``omega -> Q^T omega``, which has the same
   N(0, I) law.)  ``B^T (I-4A)^-1 B = I`` so ``E[f(x) f(y)] = exp(x . y)``: positive, unbiased.
   """
-  del params
   _check(x, y, w)
+  form = sderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
+  return _positive_pair(form, w, y, y_mask, stabilize)
+
+
+def sderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """SDERF's log-features of both sides (rotated by ``Q``, diagonal ``a``) as a LogLinear."""
+  del params
   q, a = stats.sderf_params(x, y, x_mask, y_mask)
   xq = jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
   yq = jnp.einsum("...nd,...dk->...nk", _f32(y), q, precision=jax.lax.Precision.HIGHEST)
-  return _exp_pair(de_logits(xq, w, a), de_logits(yq, w, a), _key_mask(y, y_mask), stabilize)
+  return _de_pair(xq, yq, w, a)
 
 
 def sderf_phi(x, w, q, a):
@@ -355,12 +421,16 @@ def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``exp(x . y)``.  The paper's ADERF allows full matrices ``B1, B2``; this is its diagonal
   special case (as design.md specifies), of which SADERF is the scalar-A special case.
   """
-  del params
   _check(x, y, w)
+  form = aderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
+  return _positive_pair(form, w, y, y_mask, stabilize)
+
+
+def aderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """ADERF's log-features of both sides (``Psi x``, ``Psi^-1 y``, diagonal ``a``)."""
+  del params
   psi, a = stats.aderf_params(x, y, x_mask, y_mask)
-  xs = _f32(x) * psi[..., None, :]
-  ys = _f32(y) / psi[..., None, :]
-  return _exp_pair(de_logits(xs, w, a), de_logits(ys, w, a), _key_mask(y, y_mask), stabilize)
+  return _de_pair(_f32(x) * psi[..., None, :], _f32(y) / psi[..., None, :], w, a)
 
 
 def _side_scale(psi, side):
@@ -383,12 +453,16 @@ def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
   (keeps every ``x . y``), then OPRF's features with ``A* = stats.oprf_a(Psi x, Psi^-1 y)``.
   Positive; unbiased for ``exp(x . y)`` given the statistics.
   """
-  del params
   _check(x, y, w)
+  form = saderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
+  return _positive_pair(form, w, y, y_mask, stabilize)
+
+
+def saderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+  """SADERF's log-features: OPRF's of ``Psi x`` and ``Psi^-1 y`` as a LogLinear."""
   psi = stats.saderf_psi(x, y, x_mask, y_mask)
-  xs = _f32(x) * psi[..., None, :]
-  ys = _f32(y) / psi[..., None, :]
-  return oprf_features(xs, ys, w, x_mask=x_mask, y_mask=y_mask, stabilize=stabilize)
+  return oprf_log_linear(_f32(x) * psi[..., None, :], _f32(y) / psi[..., None, :], w,
+                         x_mask=x_mask, y_mask=y_mask, params=params)
 
 
 def saderf_phi(x, w, psi, a, side="query"):

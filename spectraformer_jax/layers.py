@@ -9,20 +9,23 @@ through the same layer, so a model switches by config), ``component``, ``weight`
 ``num_features`` (m, the number of frequencies per head; one W of shape [m, head_dim] shared by the
 heads of a layer), ``weight_kwargs``, ``redraw`` ("never" | "always"), ``is_causal``,
 ``chunk_size`` (causal prefix sums), ``eps`` (normaliser guard), ``kv_mask_is_prefix`` (flash),
+``fused`` (default True: positive components recompute their feature maps in the backward pass
+instead of storing them, see ``attention.rf_attention``),
 and call arguments ``kv_mask [batch..., kv_len]`` / ``q_mask [batch..., q_len]`` (linear memory).
 Flax's dense ``mask`` is accepted too: used as is by the softmax modes, reduced to key/query
 masks (``attention.reduce_dense_mask``, separable padding mask assumed) by the RF mode.
 
 State
 -----
-* linen: the collection ``"random_features"`` holds, per layer, the PRNG key data (uint32) drawn at init from the ``"features"`` rng stream (falling back to ``"params"``); the
-  fixed W is regenerated from it, bit-identically, inside every call (O(m d) work, O(m d^2)
-  for orthogonal ones; negligible against attention).  Storing the key rather than W is what
-  lets ``redraw_random_features(module, variables, key)`` redraw every layer of any model with
-  a pure, jittable tree operation that needs neither inputs nor the layers' configs.
-  Learnable weights (``WeightSpec.learnable``: fastfoodl, gmm) keep their trainable parameters
-  in ``params/weight`` and their non-trainable buffers' key under ``frozen_seed`` (never
-  redrawn); learnable component parameters live in ``params/component``.
+* linen: the collection ``"random_features"`` holds, per layer, the fixed W (``W``,
+  float32[m, head_dim]) drawn at init from the ``"features"`` rng stream (falling back to
+  ``"params"``), so no call regenerates it (orthogonal and moment-matched draws need QR /
+  eigendecompositions, which cost more than the attention on a GPU).
+  ``redraw_random_features(module, variables, key, *example_inputs)`` redraws every layer's W
+  of any model with a pure, jittable re-init of the collection.  Learnable weights
+  (``WeightSpec.learnable``: fastfoodl, gmm) keep their trainable parameters in
+  ``params/weight`` and their non-trainable buffers under ``buffers`` (never redrawn);
+  learnable component parameters live in ``params/component``.
 * nnx: the fixed W (the weight's buffers) is stored in ``RandomFeatures`` variables
   (``self.random_features``), learnable weights in ``nnx.Param`` (``self.weight``) with their
   buffers in ``WeightBuffers``; ``redraw_random_features_nnx(model, key)`` redraws in place.
@@ -112,7 +115,7 @@ def _check_dense_mask(mask, batch, q_len, kv_len):
 
 def _attend(query, key, value, *, attention, comp, W, cparams, dense_mask, kv_mask, q_mask,
             is_causal, chunk_size, eps, precision, kv_mask_is_prefix, dropout_rng,
-            dropout_rate, broadcast_dropout, deterministic, out_dtype):
+            dropout_rate, broadcast_dropout, deterministic, out_dtype, fused=True):
   """Attention on projected ``[batch..., len, heads, head_dim]`` arrays (all three modes)."""
   n_batch = query.ndim - 3
   if not deterministic and dropout_rate > 0.0:
@@ -127,7 +130,7 @@ def _attend(query, key, value, *, attention, comp, W, cparams, dense_mask, kv_ma
     out = attn.rf_attention_heads(
         attn._to_heads(query), attn._to_heads(key), attn._to_heads(value), W, component=comp,
         params=cparams, kv_mask=kvm, q_mask=qm, is_causal=is_causal, chunk_size=chunk_size,
-        eps=eps, precision=precision)
+        eps=eps, precision=precision, fused=fused)
     out = attn._to_heads(out)
   elif dense_mask is None:
     if attention == "softmax":
@@ -176,6 +179,12 @@ def _default_kv(inputs_q, inputs_k, inputs_v):
 
 def _draw(spec, key, num_features, dim, weight_kwargs):
   return spec.init(key, num_features, dim, **dict(weight_kwargs or {}))
+
+
+def _fixed_matrix(spec, key, num_features, dim, weight_kwargs):
+  """A fixed weight's matrix ``float32[num_features, dim]`` drawn from ``key``."""
+  return jnp.asarray(spec.matrix(*_draw(spec, key, num_features, dim, weight_kwargs)),
+                     jnp.float32)
 
 
 def _as_key(key):
@@ -230,6 +239,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
   chunk_size: int = attn.DEFAULT_CHUNK_SIZE
   eps: float = attn.DEFAULT_EPS
   kv_mask_is_prefix: Optional[bool] = None
+  fused: bool = True
 
   def _init_key(self):
     if self.has_rng(FEATURES_STREAM):
@@ -238,21 +248,22 @@ class RFMultiHeadDotProductAttention(nn.Module):
 
   def _weight_matrix(self, spec, head_dim):
     """Returns W [m, head_dim] (float32), creating its state on first use."""
-    m = int(self.num_features)
-    name = "frozen_seed" if spec.learnable else "seed"
-    kvar = self.variable(RF_COLLECTION, name, lambda: jax.random.key_data(self._init_key()))
-    stored = jax.random.wrap_key_data(kvar.value)
+    m, kw = int(self.num_features), self.weight_kwargs
     if spec.learnable:
-      wparams = self.param("weight", lambda _: _draw(spec, stored, m, head_dim,
-                                                      self.weight_kwargs)[0])
-      _, buffers = _draw(spec, stored, m, head_dim, self.weight_kwargs)
-      return jnp.asarray(spec.matrix(wparams, buffers), jnp.float32)
-    draw_key = stored
+      # One key for both parts of the draw (Flax also traces the param initialiser, with
+      # its own rng, to check shapes in apply).
+      key = self._init_key() if self.is_initializing() else None
+      wparams = self.param("weight", lambda rng: _draw(spec, rng if key is None else key, m,
+                                                       head_dim, kw)[0])
+      buffers = self.variable(RF_COLLECTION, "buffers",
+                              lambda: _draw(spec, key, m, head_dim, kw)[1])
+      return jnp.asarray(spec.matrix(wparams, buffers.value), jnp.float32)
+    stored = self.variable(RF_COLLECTION, "W",
+                           lambda: _fixed_matrix(spec, self._init_key(), m, head_dim, kw))
     if (self.redraw == "always" and not self.is_initializing()
         and self.has_rng(FEATURES_STREAM)):
-      draw_key = self.make_rng(FEATURES_STREAM)
-    params, buffers = _draw(spec, draw_key, m, head_dim, self.weight_kwargs)
-    return jax.lax.stop_gradient(jnp.asarray(spec.matrix(params, buffers), jnp.float32))
+      return _fixed_matrix(spec, self.make_rng(FEATURES_STREAM), m, head_dim, kw)
+    return jax.lax.stop_gradient(stored.value)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
@@ -313,7 +324,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
                 chunk_size=self.chunk_size, eps=self.eps, precision=self.precision,
                 kv_mask_is_prefix=self.kv_mask_is_prefix, dropout_rng=dropout_rng,
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
-                deterministic=m_det, out_dtype=self.dtype or query.dtype)
+                deterministic=m_det, out_dtype=self.dtype or query.dtype, fused=self.fused)
     return nn.DenseGeneral(
         features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
         bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
@@ -321,24 +332,27 @@ class RFMultiHeadDotProductAttention(nn.Module):
         name="out")(x)
 
 
-def redraw_random_features(module, variables, key):
-  """Returns ``variables`` with every fixed-W key of the ``"random_features"`` collection
-  (the leaves named ``seed``) replaced by a fresh one (``fold_in(key, index)``): the next call of every RF layer of the
-  model uses a newly drawn W.  Pure and jittable; ``module`` is accepted for symmetry (the
-  redraw needs neither the model nor inputs).  Learnable weights' ``frozen_seed`` is kept.
-  Variables without the collection (e.g. softmax layers only) are returned unchanged."""
-  del module
+def redraw_random_features(module, variables, key, *example_args, **example_kwargs):
+  """Returns ``variables`` with every fixed W of the ``"random_features"`` collection redrawn.
+
+  ``module`` is the (top-level) linen model and ``example_args`` / ``example_kwargs`` inputs
+  it accepts (only their shapes matter): the collection is rebuilt by ``module.init`` with
+  ``key`` as the ``"features"`` stream, and learnable weights' ``buffers`` are kept.  Pure and
+  jittable; under ``jit`` only the draws of W run (the rest of ``init`` is dead code).
+  Variables without the collection (e.g. softmax layers only) are returned unchanged.
+  """
   if RF_COLLECTION not in variables:
     return variables
-  key = _as_key(key)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables[RF_COLLECTION])
-  new = []
-  for i, (path, leaf) in enumerate(leaves):
-    last = path[-1] if path else None
-    if getattr(last, "key", None) == "seed":
-      leaf = jax.random.key_data(jax.random.fold_in(key, i)).astype(leaf.dtype)
-    new.append(leaf)
-  rf = jax.tree_util.tree_unflatten(treedef, new)
+  if not example_args and not example_kwargs:
+    raise TypeError("redraw_random_features(module, variables, key, *example_args) needs "
+                    "example inputs of the module (e.g. the batch used for init) to rebuild "
+                    "the random_features collection.")
+  params_key, features_key, dropout_key = jax.random.split(_as_key(key), 3)
+  fresh = module.init({"params": params_key, FEATURES_STREAM: features_key,
+                       "dropout": dropout_key}, *example_args, **example_kwargs)[RF_COLLECTION]
+  keep = lambda path: any(getattr(p, "key", None) == "buffers" for p in path)
+  rf = jax.tree_util.tree_map_with_path(lambda path, old, new: old if keep(path) else new,
+                                        variables[RF_COLLECTION], fresh)
   if hasattr(variables, "copy") and type(variables).__name__ == "FrozenDict":
     return variables.copy({RF_COLLECTION: rf})
   out = dict(variables)
@@ -399,7 +413,8 @@ class RFMultiHeadAttention(nnx.Module):
                component: str = "posrf", weight: str = "iid", num_features: int = 128,
                weight_kwargs: Optional[dict] = None, redraw: str = "never",
                is_causal: bool = False, chunk_size: int = attn.DEFAULT_CHUNK_SIZE,
-               eps: float = attn.DEFAULT_EPS, kv_mask_is_prefix: Optional[bool] = None):
+               eps: float = attn.DEFAULT_EPS, kv_mask_is_prefix: Optional[bool] = None,
+               fused: bool = True):
     if decode:
       raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
                                 "is_causal=True for causal attention.")
@@ -422,7 +437,7 @@ class RFMultiHeadAttention(nnx.Module):
     self.num_features = num_features
     self.weight_kwargs = tuple(sorted(dict(weight_kwargs or {}).items()))
     self.redraw, self.is_causal, self.chunk_size = redraw, is_causal, chunk_size
-    self.eps, self.kv_mask_is_prefix = eps, kv_mask_is_prefix
+    self.eps, self.kv_mask_is_prefix, self.fused = eps, kv_mask_is_prefix, fused
     self.head_dim = self.qkv_features // self.num_heads
 
     lin = lambda fin, nh: nnx.LinearGeneral(
@@ -569,7 +584,7 @@ class RFMultiHeadAttention(nnx.Module):
                 chunk_size=self.chunk_size, eps=self.eps, precision=self.precision,
                 kv_mask_is_prefix=self.kv_mask_is_prefix, dropout_rng=dropout_rng,
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
-                deterministic=det, out_dtype=self.dtype or query.dtype)
+                deterministic=det, out_dtype=self.dtype or query.dtype, fused=self.fused)
     if out_sharding is not None:
       return self.out(x, out_sharding=out_sharding)
     return self.out(x)

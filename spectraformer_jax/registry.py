@@ -26,6 +26,10 @@ Contracts (everything downstream relies on these and nothing else):
     which cancels in the attention normalisation.
   * ``feature_dim(m) -> F``; ``init_params(key, dim) -> params`` for learnable
     component parameters, or ``None`` when the component has none.
+  * ``log_linear(x, y, W, *, x_mask=None, y_mask=None, params=None) -> components.LogLinear``
+    for positive components whose log-features are ``x' . w_r + col_r + row_i``
+    (``features`` is then ``exp`` of those); ``None`` otherwise.  Attention uses it for the
+    fused path (``fused.positive_rf_attention``), which never stores the feature maps.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class ComponentSpec:
   positive: bool
   unbiased: bool
   description: str
+  log_linear: Optional[Callable[..., components.LogLinear]] = None
 
 
 def _fixed(name: str, generator: Callable[..., Any], description: str) -> WeightSpec:
@@ -105,28 +110,34 @@ COMPONENTS: dict[str, ComponentSpec] = {
         description="exp(|x|^2/2)/sqrt(m) [cos Wx, sin Wx] (2m features); unbiased, not positive."),
     "posrf": ComponentSpec(
         "posrf", components.posrf_features, _same, None, positive=True, unbiased=True,
-        description="FAVOR+: exp(Wx - |x|^2/2)/sqrt(m); positive, unbiased."),
+        description="FAVOR+: exp(Wx - |x|^2/2)/sqrt(m); positive, unbiased.",
+        log_linear=components.posrf_log_linear),
     "oprf": ComponentSpec(
         "oprf", components.oprf_features, _same, None, positive=True, unbiased=True,
         description="Optimal positive RF: GERF(s=+1) with the variance-minimising A* per head "
-                    "from q/k statistics; positive, unbiased given A*."),
+                    "from q/k statistics; positive, unbiased given A*.",
+        log_linear=components.oprf_log_linear),
     "gerf": ComponentSpec(
         "gerf", components.gerf_features, _same, components.gerf_init_params, positive=True,
         unbiased=True,
         description="Generalised exponential RF, s=+1, learnable scalar A = 1/8 - softplus(raw) "
-                    "initialised at 0 (= PosRF); positive, unbiased for every A < 1/8."),
+                    "initialised at 0 (= PosRF); positive, unbiased for every A < 1/8.",
+        log_linear=components.gerf_log_linear),
     "sderf": ComponentSpec(
         "sderf", components.sderf_features, _same, None, positive=True, unbiased=True,
         description="Symmetric dense-exponential RF: eigenbasis of mean (x+y)(x+y)^T with a "
-                    "per-direction optimal A; positive, unbiased given the statistics."),
+                    "per-direction optimal A; positive, unbiased given the statistics.",
+        log_linear=components.sderf_log_linear),
     "aderf": ComponentSpec(
         "aderf", components.aderf_features, _same, None, positive=True, unbiased=True,
         description="Asymmetric dense-exponential RF (diagonal): Psi rescaling and a "
-                    "per-coordinate optimal A; positive, unbiased given the statistics."),
+                    "per-coordinate optimal A; positive, unbiased given the statistics.",
+        log_linear=components.aderf_log_linear),
     "saderf": ComponentSpec(
         "saderf", components.saderf_features, _same, None, positive=True, unbiased=True,
         description="Simplified ADERF: x -> Psi x, y -> Psi^-1 y, then OPRF; positive, "
-                    "unbiased given the statistics."),
+                    "unbiased given the statistics.",
+        log_linear=components.saderf_log_linear),
 }
 
 # (component, weight) pairs that make no sense -> the reason.  Empty on purpose: every

@@ -37,7 +37,8 @@ def test_linen_state_shapes_and_flax_compat():
   sv = stock.init(jax.random.key(1), x)
   same = jax.tree.map(lambda a, b: a.shape == b.shape, v["params"], sv["params"])
   assert all(jax.tree.leaves(same)) and set(v["params"]) == set(sv["params"])
-  assert v["random_features"]["seed"].dtype == jnp.uint32
+  assert v["random_features"]["W"].shape == (32, D // H)
+  assert v["random_features"]["W"].dtype == jnp.float32
   y = layer.apply(v, x, kv_mask=pad)
   assert y.shape == stock.apply(sv, x).shape
   # checkpoints interchange: the stock layer runs on our params and vice versa
@@ -66,8 +67,11 @@ def test_linen_padding_and_redraw():
     short = layer.apply(v, x[:1, :17])
   np.testing.assert_allclose(full[0, :17], short[0], rtol=2e-4, atol=2e-5)
   # redraw: pure, jittable, changes the output; 'never' is deterministic
-  v2 = jax.jit(lambda v, k: L.redraw_random_features(layer, v, k))(v, jax.random.key(7))
-  assert not np.array_equal(v2["random_features"]["seed"], v["random_features"]["seed"])
+  v2 = jax.jit(lambda v, k: L.redraw_random_features(layer, v, k, x))(v, jax.random.key(7))
+  assert v2["random_features"]["W"].shape == v["random_features"]["W"].shape == (64, D // H)
+  assert not np.array_equal(v2["random_features"]["W"], v["random_features"]["W"])
+  with pytest.raises(TypeError, match="example inputs"):
+    L.redraw_random_features(layer, v, jax.random.key(7))
   assert not np.allclose(layer.apply(v2, x), layer.apply(v, x))
   np.testing.assert_array_equal(layer.apply(v, x), layer.apply(v, x))
   # redraw='always': a fresh W per call from the 'features' stream
@@ -85,12 +89,12 @@ def test_learnable_weight_and_component_params_are_trainable():
                                            component="gerf")
   v = layer.init(jax.random.key(0), x)
   assert "weight" in v["params"] and "component" in v["params"]
-  assert "frozen_seed" in v["random_features"]
+  assert "buffers" in v["random_features"]
   grads = jax.grad(lambda p: jnp.sum(layer.apply({**v, "params": p}, x) ** 2))(v["params"])
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["weight"]))
-  v2 = L.redraw_random_features(layer, v, jax.random.key(3))  # frozen seeds are kept
-  np.testing.assert_array_equal(v2["random_features"]["frozen_seed"],
-                                v["random_features"]["frozen_seed"])
+  v2 = L.redraw_random_features(layer, v, jax.random.key(3), x)  # buffers are kept
+  jax.tree.map(np.testing.assert_array_equal, v2["random_features"]["buffers"],
+               v["random_features"]["buffers"])
 
 
 def test_linen_equals_nnx_for_same_params_and_w():
@@ -103,14 +107,11 @@ def test_linen_equals_nnx_for_same_params_and_w():
                                is_causal=True, chunk_size=8, rngs=nnx.Rngs(5))
     _copy_linen_to_nnx(v, m)
     spec = registry.get_weight(weight)
-    key = jax.random.wrap_key_data(v["random_features"]["frozen_seed" if spec.learnable
-                                                         else "seed"])
-    params, buffers = spec.init(key, 32, D // H)
     if spec.learnable:
       m.weight_params = L._to_vars(dict(v["params"]["weight"]), nnx.Param)
-      m.weight_buffers = L._to_vars(dict(buffers), L.WeightBuffers)
+      m.weight_buffers = L._to_vars(dict(v["random_features"]["buffers"]), L.WeightBuffers)
     else:
-      m.random_features["W"][...] = buffers["W"]
+      m.random_features["W"][...] = v["random_features"]["W"]
     with jax.default_matmul_precision("highest"):
       np.testing.assert_allclose(m(x, kv_mask=pad), layer.apply(v, x, kv_mask=pad),
                                  rtol=1e-5, atol=1e-6)

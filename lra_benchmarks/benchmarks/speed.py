@@ -106,6 +106,15 @@ def select_variants(args) -> list[tuple]:
 # ----------------------------------------------------------------------------- train step
 
 
+def _parse_like(current, value: str):
+  """``value`` converted to the type of ``current`` ("false"/"0" are False for a bool)."""
+  if isinstance(current, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected a bool (true/false), got {value!r}")
+    return value.lower() in ("true", "1")
+  return type(current)(value)
+
+
 def task_config(task: str, variant: tuple, args):
   """The task's base config with the variant's attention and the benchmark's overrides."""
   config = importlib.import_module(f"configs.base_{task}").get_config()
@@ -118,7 +127,7 @@ def task_config(task: str, variant: tuple, args):
     config.model.dtype = args.dtype
   for item in common.parse_list(args.model) or []:
     field, value = item.split("=", 1)
-    config.model[field] = type(config.model[field])(value)
+    config.model[field] = _parse_like(config.model[field], value)
   batch, length = TASK_SHAPES[task]
   config.batch_size = args.batch or batch
   config.seq_len = config.max_length = args.length or length

@@ -1,0 +1,187 @@
+"""Fused bidirectional random-feature attention for positive log-linear features.
+
+For the positive dense-exponential components (PosRF, OPRF, GERF, SDERF, ADERF, SADERF) the
+log-features are log-linear (``components.LogLinear``):
+``log phi_q[i, r] = xq_i . w_r + col_r + row_q_i`` and ``log phi_k[j, r] = xk_j . w_r + col_r +
+row_k_j``.  ``positive_rf_attention`` computes, per leading index (batch, head),
+
+    [S, z] = sum_j phi_k[j]^T [v_j, 1]            ([m, dv + 1]: values and normaliser at once)
+    out_i  = (phi_q[i] S) / (phi_q[i] z)
+
+exactly like ``attention.linear_attention`` on ``components``' features, but with a custom VJP
+that saves only the O((n + l) d) inputs, ``[S, z]``, the output and the normaliser, and
+*recomputes* the ``[n, m]`` feature maps in the backward pass (as flash attention recomputes its
+scores).  Peak memory then holds one layer's feature maps at a time instead of every layer's,
+and nothing ``[n, m]`` is kept between forward and backward.
+
+Numerics: logits and ``exp`` in float32 with max-subtraction (one constant per query row,
+which cancels in the ratio, so ``row_q`` is never needed; one constant per head over all
+unmasked keys); the feature maps are then stored in ``feature_dtype`` (bfloat16 halves their
+traffic) and contracted with float32 accumulation.
+
+Gradients (``g = dL/dout``, ``e`` indexes ``[v, 1]``): ``dnd_i = [g_i, -g_i . out_i] / den_i``;
+``d phi_q = dnd [S, z]^T``, ``d[S, z] = phi_q^T dnd``, ``d phi_k = [v, 1] d[S, z]^T``,
+``d[v, 1] = phi_k d[S, z]``; through ``exp``: ``d logits = d phi * phi``; then
+``d xq = d logits_q W``, ``dW = d logits_q^T xq + d logits_k^T xk``, ``d col`` and ``d row_k``
+are the sums of ``d logits`` over rows and columns.  The stabilisers are constants of the
+function (it does not depend on them), so treating them as such is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from spectraformer_jax.components import LogLinear
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _logits(x, w, col):
+  """``x[..., n, d] @ W[m, d]^T + col[..., None, :]``: float32 ``[..., n, m]``."""
+  return jnp.einsum("...nd,md->...nm", x, w, precision=_HIGHEST) + col[..., None, :]
+
+
+def _query_features(xq, w, col, dtype):
+  """``exp(logits - row max)`` in float32, stored as ``dtype``: ``[..., n, m]``."""
+  lq = _logits(xq, w, col)
+  return jnp.exp(lq - jnp.max(lq, axis=-1, keepdims=True)).astype(dtype)
+
+
+def _key_logits(xk, w, col, row_k, mask):
+  """Key logits ``[..., l, m]`` with masked rows set to 0 (they never reach ``exp`` unmasked)."""
+  lk = _logits(xk, w, col) + row_k[..., None]
+  return jnp.where(mask[..., None], lk, 0.0)
+
+
+def _key_max(lk, mask):
+  """One stabiliser per leading index: max over unmasked keys and features (0 if none)."""
+  c = jnp.max(jnp.where(mask[..., None], lk, -jnp.inf), axis=(-2, -1))
+  return jnp.where(jnp.isfinite(c), c, 0.0)
+
+
+def _key_features(lk, mask, c, dtype):
+  """``exp(logits - c)`` at unmasked keys, exactly 0 at masked ones, stored as ``dtype``."""
+  return jnp.where(mask[..., None], jnp.exp(lk - c[..., None, None]), 0.0).astype(dtype)
+
+
+def _contract(spec, a, b, dtype):
+  """``einsum(spec, a, b)`` on ``dtype`` operands with float32 accumulation."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _with_ones(v):
+  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _forward(w, dtype, xq, xk, col, row_k, v, mask):
+  """One leading index: ``out [n, dv]`` and the residuals ``(c, [S, z], out, 1/den)``."""
+  lk = _key_logits(xk, w, col, row_k, mask)
+  c = _key_max(lk, mask)
+  phi_k = _key_features(lk, mask, c, dtype)
+  sz = _contract("...lm,...le->...me", phi_k, _with_ones(v), dtype)          # [m, dv+1]
+  nd = _contract("...nm,...me->...ne", _query_features(xq, w, col, dtype), sz, dtype)
+  den = nd[..., -1]
+  inv = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)   # no key: output 0
+  out = nd[..., :-1] * inv[..., None]
+  return out, c, sz, inv
+
+
+def _backward(w, dtype, xq, xk, col, row_k, v, mask, c, sz, out, inv, g):
+  """One leading index: cotangents of ``(xq, xk, W, col, row_k, v)`` (module doc)."""
+  g = g.astype(jnp.float32)
+  dnd = jnp.concatenate([g, -jnp.sum(g * out, -1, keepdims=True)], -1) * inv[..., None]
+  phi_q = _query_features(xq, w, col, dtype)
+  dlq = _contract("...ne,...me->...nm", dnd, sz, dtype) * phi_q.astype(jnp.float32)
+  dsz = _contract("...nm,...ne->...me", phi_q, dnd, dtype)
+  phi_k = _key_features(_key_logits(xk, w, col, row_k, mask), mask, c, dtype)
+  dlk = _contract("...le,...me->...lm", _with_ones(v), dsz, dtype) * phi_k.astype(jnp.float32)
+  dv = _contract("...lm,...me->...le", phi_k, dsz, dtype)[..., :-1]
+  dxq = jnp.einsum("...nm,md->...nd", dlq, w)
+  dxk = jnp.einsum("...lm,md->...ld", dlk, w)
+  dw = jnp.einsum("...nm,...nd->md", dlq, xq) + jnp.einsum("...lm,...ld->md", dlk, xk)
+  dcol = jnp.sum(dlq, axis=-2) + jnp.sum(dlk, axis=-2)
+  return dxq, dxk, dw, dcol, jnp.sum(dlk, axis=-1), dv.astype(v.dtype)
+
+
+def _blockwise(fn, w, dtype, block, *arrays):
+  """``fn(w, dtype, *one_index)`` mapped over the leading axis, ``block`` indices at a time
+  (a scan over blocks, vectorised within one), so only one block's ``[n, m]`` maps are live."""
+  return jax.lax.map(lambda xs: fn(w, dtype, *xs), arrays, batch_size=block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fused(xq, xk, w, col, row_k, v, mask, dtype, block):
+  return _blockwise(_forward, w, dtype, block, xq, xk, col, row_k, v, mask)[0]
+
+
+def _fused_fwd(xq, xk, w, col, row_k, v, mask, dtype, block):
+  out, c, sz, inv = _blockwise(_forward, w, dtype, block, xq, xk, col, row_k, v, mask)
+  return out, (xq, xk, w, col, row_k, v, mask, c, sz, out, inv)
+
+
+def _fused_bwd(dtype, block, res, g):
+  xq, xk, w, col, row_k, v, mask, c, sz, out, inv = res
+  dxq, dxk, dw, dcol, drow, dv = _blockwise(_backward, w, dtype, block, xq, xk, col, row_k, v,
+                                            mask, c, sz, out, inv, g)
+  return dxq, dxk, jnp.sum(dw, axis=0), dcol, drow, dv, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+# Feature-map elements ([block, len, m]) processed at once: 4M float32 = 16 MiB per map, about
+# an H100's L2 cache; larger blocks only raise peak memory.
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+
+
+def positive_rf_attention(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
+                          feature_dtype=jnp.float32,
+                          block_elements: int = DEFAULT_BLOCK_ELEMENTS):
+  """Bidirectional RF attention from log-linear features, feature maps never stored.
+
+  Args:
+    form: ``components.LogLinear`` of both sides (leading dims broadcast against ``v``'s);
+      ``form.row_q`` is not used (a per-query constant cancels in the ratio).
+    w: ``float32[m, d]``.
+    v: values ``[..., l, dv]``.
+    kv_mask: ``bool[..., l]`` (True = real key), or None; masked keys contribute nothing.
+    q_mask: ``bool[..., n]``, or None; masked queries give zeros.
+    feature_dtype: storage dtype of the ``[n, m]`` feature maps and of the contraction
+      operands (accumulation is float32); ``jnp.bfloat16`` halves the memory traffic.
+    block_elements: the leading (batch x head) indices are processed in blocks of
+      ``max(1, block_elements // (max(n, l) * m))``, forward and backward, which bounds the
+      live feature maps to about ``block_elements`` per map.  The result does not depend on it.
+
+  Returns:
+    float32 ``[..., n, dv]``: ``sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` (zeros for
+    a query with no unmasked key).
+  """
+  xq, xk, col, row_k = (jnp.asarray(t, jnp.float32) for t in
+                        (form.xq, form.xk, form.col, form.row_k))
+  v = jnp.asarray(v)
+  n, l, d = xq.shape[-2], xk.shape[-2], xq.shape[-1]
+  w = jnp.asarray(w, jnp.float32)
+  if w.ndim != 2 or w.shape[-1] != d or xk.shape[-1] != d:
+    raise ValueError(f"W must be float32[m, d] with d matching xq {xq.shape} and xk "
+                     f"{xk.shape}, got {tuple(w.shape)}.")
+  if v.shape[-2] != l:
+    raise ValueError(f"v needs the keys' length {l}, got shape {tuple(v.shape)}.")
+  lead = jnp.broadcast_shapes(xq.shape[:-2], xk.shape[:-2], v.shape[:-2], col.shape[:-1],
+                              row_k.shape[:-1])
+  if not isinstance(block_elements, int) or block_elements < 1:
+    raise ValueError(f"block_elements must be a positive int, got {block_elements!r}.")
+  mask = jnp.ones((l,), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
+  size = math.prod(lead)
+  flat = lambda t, tail: jnp.broadcast_to(t, lead + tail).reshape((size,) + tail)
+  m = w.shape[0]
+  block = max(1, min(size, block_elements // (max(n, l) * m)))
+  out = _fused(flat(xq, (n, d)), flat(xk, (l, d)), w, flat(col, (m,)), flat(row_k, (l,)),
+               flat(v, v.shape[-2:]), flat(mask, (l,)), jnp.dtype(feature_dtype), block)
+  out = out.reshape(lead + out.shape[1:])
+  if q_mask is not None:
+    out = jnp.where(jnp.asarray(q_mask, bool)[..., None], out, 0.0)
+  return out
