@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +111,12 @@ def _backward(w, dtype, xq, xk, col, row_k, v, mask, c, sz, out, inv, g):
 
 def _blockwise(fn, w, dtype, block, *arrays):
   """``fn(w, dtype, *one_index)`` mapped over the leading axis, ``block`` indices at a time
-  (a scan over blocks, vectorised within one), so only one block's ``[n, m]`` maps are live."""
-  return jax.lax.map(lambda xs: fn(w, dtype, *xs), arrays, batch_size=block)
+  (a scan over blocks, vectorised within one), so only one block's ``[n, m]`` maps are live;
+  a single vectorised call when one block holds every index."""
+  one = lambda *xs: fn(w, dtype, *xs)
+  if block >= arrays[0].shape[0]:
+    return jax.vmap(one)(*arrays)
+  return jax.lax.map(lambda xs: one(*xs), arrays, batch_size=block)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -133,14 +138,9 @@ def _fused_bwd(dtype, block, res, g):
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
-# Feature-map elements ([block, len, m]) processed at once: 4M float32 = 16 MiB per map, about
-# an H100's L2 cache; larger blocks only raise peak memory.
-DEFAULT_BLOCK_ELEMENTS = 1 << 22
-
-
 def positive_rf_attention(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
                           feature_dtype=jnp.float32,
-                          block_elements: int = DEFAULT_BLOCK_ELEMENTS):
+                          block_elements: Optional[int] = None):
   """Bidirectional RF attention from log-linear features, feature maps never stored.
 
   Args:
@@ -152,9 +152,12 @@ def positive_rf_attention(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
     q_mask: ``bool[..., n]``, or None; masked queries give zeros.
     feature_dtype: storage dtype of the ``[n, m]`` feature maps and of the contraction
       operands (accumulation is float32); ``jnp.bfloat16`` halves the memory traffic.
-    block_elements: the leading (batch x head) indices are processed in blocks of
-      ``max(1, block_elements // (max(n, l) * m))``, forward and backward, which bounds the
-      live feature maps to about ``block_elements`` per map.  The result does not depend on it.
+    block_elements: None (default): all leading (batch x head) indices at once, the fastest
+      (one layer's feature maps are live during its backward pass).  An int: blocks of
+      ``max(1, block_elements // (max(n, l) * m))`` indices, forward and backward (a scan),
+      which bounds the live maps to about ``block_elements`` elements each, at a cost in time
+      (H100, Text b32 n4096 core fwd+bwd: 1.52 ms unblocked, 2.34 ms at 2**22, temporaries
+      499 -> 252 MiB).  The result does not depend on it.
 
   Returns:
     float32 ``[..., n, dv]``: ``sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` (zeros for
@@ -172,13 +175,16 @@ def positive_rf_attention(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
     raise ValueError(f"v needs the keys' length {l}, got shape {tuple(v.shape)}.")
   lead = jnp.broadcast_shapes(xq.shape[:-2], xk.shape[:-2], v.shape[:-2], col.shape[:-1],
                               row_k.shape[:-1])
-  if not isinstance(block_elements, int) or block_elements < 1:
-    raise ValueError(f"block_elements must be a positive int, got {block_elements!r}.")
+  if block_elements is not None and (not isinstance(block_elements, int)
+                                     or block_elements < 1):
+    raise ValueError(f"block_elements must be None or a positive int, got {block_elements!r}.")
   mask = jnp.ones((l,), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
   size = math.prod(lead)
   flat = lambda t, tail: jnp.broadcast_to(t, lead + tail).reshape((size,) + tail)
   m = w.shape[0]
-  block = max(1, min(size, block_elements // (max(n, l) * m)))
+  block = size
+  if block_elements is not None:
+    block = max(1, min(size, block_elements // (max(n, l) * m)))
   out = _fused(flat(xq, (n, d)), flat(xk, (l, d)), w, flat(col, (m,)), flat(row_k, (l,)),
                flat(v, v.shape[-2:]), flat(mask, (l,)), jnp.dtype(feature_dtype), block)
   out = out.reshape(lead + out.shape[1:])

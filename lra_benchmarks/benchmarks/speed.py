@@ -255,21 +255,23 @@ def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
         return err, time.time() - t0
 
     start = time.time()
+    # Every build finishes before the first timing: compilation autotunes kernels on the
+    # device, which would otherwise run concurrently with (and distort) the timed steps.
     with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_workers)) as pool:
-      futures = [pool.submit(build, job) for job in jobs]
-      for job, future in zip(jobs, futures):
-        built, build_s = future.result()
-        if isinstance(built, Exception):
-          row = {"task": task, "attention": variant_name(job[1]),
-                 "error": f"{type(built).__name__}: {str(built)[:500]}",
-                 "oom": common.is_out_of_memory(built)}
-        else:
-          row = measure_step(task, job[1], args, built)
-        row["build_s"] = build_s
-        del built
-        rows.append(row)
-        log(f"[steps] {task} {row['attention']}: " + (
-            f"{row['median_ms']:.2f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
+      results = list(pool.map(build, jobs))
+    for i, job in enumerate(jobs):
+      (built, build_s), results[i] = results[i], None  # free each program once timed
+      if isinstance(built, Exception):
+        row = {"task": task, "attention": variant_name(job[1]),
+               "error": f"{type(built).__name__}: {str(built)[:500]}",
+               "oom": common.is_out_of_memory(built)}
+      else:
+        row = measure_step(task, job[1], args, built)
+      row["build_s"] = build_s
+      del built
+      rows.append(row)
+      log(f"[steps] {task} {row['attention']}: " + (
+          f"{row['median_ms']:.2f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
     log(f"[steps] {task}: {len(jobs)} configurations in {time.time() - start:.0f} s")
   return rows
 
