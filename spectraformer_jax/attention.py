@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectraformer_jax import fused as fused_lib
+
 Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 128
@@ -465,7 +467,6 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
                        eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
   """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
-  from spectraformer_jax import fused as fused_lib
   spec = _component_spec(component)
   d = q.shape[-1]
   scale = d ** -0.25
