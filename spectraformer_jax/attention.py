@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectraformer_jax import fused as fused_lib
+from spectraformer_jax._dtypes import f32 as _f32
 
 Array = jax.Array
 
@@ -55,10 +56,6 @@ DEFAULT_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _check_mask(mask, expected_len: int, name: str, leading: tuple[int, ...]):

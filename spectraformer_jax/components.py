@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from spectraformer_jax import stats
+from spectraformer_jax._dtypes import f32 as _f32
 
 Params = Any
 
@@ -54,10 +55,6 @@ _GERF_RAW_AT_ZERO = math.log(math.expm1(GERF_A_MAX))  # softplus(raw) = 1/8  <=>
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _project(x, w):

@@ -11,11 +11,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from spectraformer_jax._dtypes import f32 as _f32
+
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def log_softmax_kernel(x, y):

@@ -40,11 +40,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from spectraformer_jax._dtypes import f32 as _f32
+
 _TINY = 1e-12
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _weights(x, mask):
