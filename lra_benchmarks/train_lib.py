@@ -387,6 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = _restore(latest_mngr, latest, abstract_state)
     _say(f"Resumed from {latest_mngr.directory} at step {latest}.")
   start_step = int(state.step)
+  # A best checkpoint past the resume point was saved by the interrupted run after its last
+  # regular checkpoint; this run recomputes those steps, so it must not outlive them.
+  for stale in [s for s in best_mngr.all_steps() if s > start_step]:
+    best_mngr.delete(stale)
 
   train_step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config),
                                        dual=task.dual),
@@ -405,15 +409,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     redraw = jax.jit(redraw_features, out_shardings=shard.replicated)
 
   def evaluate(state: TrainState, split: str, max_batches: int = -1) -> dict:
-    loss = correct = count = 0.0
+    totals = (0.0, 0.0, 0.0)  # (loss, correct, count) sums, kept on device until the end
     batches = input_pipeline.eval_batches(datasets[split], host_eval_batch,
                                           process_index=process_index,
                                           process_count=process_count)
     for i, batch in enumerate(batches):
       if 0 <= max_batches <= i:
         break
-      l, c, n = jax.device_get(eval_step(state, shard(batch)))
-      loss, correct, count = loss + l, correct + c, count + n
+      totals = tuple(t + s for t, s in zip(totals, eval_step(state, shard(batch))))
+    loss, correct, count = jax.device_get(totals)
     count = max(float(count), 1.0)
     return {"loss": float(loss) / count, "accuracy": float(correct) / count, "examples": count}
 
@@ -491,9 +495,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        f"accuracy {val['accuracy']:.4f}")
       if val["accuracy"] > meta["best_accuracy"]:
         meta.update(best_accuracy=float(val["accuracy"]), best_step=step, evals_since_best=0)
-        if step in best_mngr.all_steps():
-          # Saved by a run killed before its next latest checkpoint; this resumed run redoes it.
-          best_mngr.delete(step)
         best_mngr.save(step, args=_checkpoint_args(state, meta), force=True)
       else:
         meta["evals_since_best"] += 1

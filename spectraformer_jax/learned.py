@@ -106,4 +106,5 @@ def gmm_matrix(params, buffers) -> jnp.ndarray:
 
 def gmm_apply(params, buffers, x) -> jnp.ndarray:
   """``x @ W.T`` (dense; the mixture has no fast transform). O(m d) per input vector."""
-  return jnp.asarray(x, jnp.float32) @ gmm_matrix(params, buffers).T
+  return jnp.matmul(jnp.asarray(x, jnp.float32), gmm_matrix(params, buffers).T,
+                    precision=jax.lax.Precision.HIGHEST)
