@@ -11,8 +11,10 @@ row_k_j``.  ``positive_rf_attention`` computes, per leading index (batch, head),
 exactly like ``attention.linear_attention`` on ``components``' features, but with a custom VJP
 that saves only the O((n + l) d) inputs, ``[S, z]``, the output and the normaliser, and
 *recomputes* the ``[n, m]`` feature maps in the backward pass (as flash attention recomputes its
-scores).  Peak memory then holds one layer's feature maps at a time instead of every layer's,
-and nothing ``[n, m]`` is kept between forward and backward.
+scores).  Nothing ``[n, m]`` is kept between forward and backward; the backward pass of one
+layer still materialises that layer's maps and their cotangents while it runs, so the peak is
+one layer's backward instead of the saved maps of every layer (about equal for the study's
+2-layer models, lower for deeper ones; ``block_elements`` bounds it further).
 
 Numerics: logits and ``exp`` in float32 with max-subtraction (one constant per query row,
 which cancels in the ratio, so ``row_q`` is never needed; one constant per head over all
