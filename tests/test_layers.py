@@ -72,6 +72,12 @@ def test_linen_padding_and_redraw():
   assert not np.array_equal(v2["random_features"]["W"], v["random_features"]["W"])
   with pytest.raises(TypeError, match="example inputs"):
     L.redraw_random_features(layer, v, jax.random.key(7))
+  # the same key redraws the same W (up to jit-vs-eager rounding); another key another W
+  again = L.redraw_random_features(layer, v, jax.random.key(7), x)
+  np.testing.assert_allclose(again["random_features"]["W"], v2["random_features"]["W"],
+                             rtol=1e-5, atol=1e-5)
+  other = L.redraw_random_features(layer, v, jax.random.key(8), x)
+  assert not np.array_equal(other["random_features"]["W"], v2["random_features"]["W"])
   assert not np.allclose(layer.apply(v2, x), layer.apply(v, x))
   np.testing.assert_array_equal(layer.apply(v, x), layer.apply(v, x))
   # redraw='always': a fresh W per call from the 'features' stream
