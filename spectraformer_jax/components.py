@@ -73,12 +73,12 @@ def _key_mask(y, y_mask):
   return jnp.broadcast_to(y_mask, y.shape[:-1])[..., None]
 
 
-def _row_max(logits):
+def row_max(logits):
   """Per-row stabiliser ``max_r logits[..., i, r]`` (stop_gradient), [..., n, 1]."""
   return jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
 
 
-def _head_max(logits, mask):
+def head_max(logits, mask):
   """One stabiliser per leading index: max over all unmasked rows and features, [..., 1, 1].
 
   Falls back to 0 when every key is masked (then every row is zeroed anyway).
@@ -98,7 +98,7 @@ def _key_exp(ly, mask, stabilize):
   would then give NaN gradients (``0 * inf``) although the forward value is fine.
   """
   if stabilize:
-    ly = ly - _head_max(ly, mask)
+    ly = ly - head_max(ly, mask)
   if mask is None:
     return jnp.exp(ly)
   return jnp.where(mask, jnp.exp(jnp.where(mask, ly, 0.0)), 0.0)
@@ -107,7 +107,7 @@ def _key_exp(ly, mask, stabilize):
 def _exp_pair(lx, ly, y_mask_b, stabilize):
   """Positive features from log-features of both sides with the contract's stabilisers."""
   if stabilize:
-    lx = lx - _row_max(lx)
+    lx = lx - row_max(lx)
   return jnp.exp(lx), _key_exp(ly, y_mask_b, stabilize)
 
 
@@ -221,8 +221,11 @@ def _de_pair(x, y, w, a=None) -> LogLinear:
   return LogLinear(xq, xk, col, row_q, row_k)
 
 
-def _positive_pair(form: LogLinear, w, y, y_mask, stabilize):
-  """Pair features of a LogLinear with the contract's stabilisers and key mask."""
+def _positive_features(log_linear, x, y, w, x_mask, y_mask, params, stabilize):
+  """Pair features (registry contract) of a component given by its ``*_log_linear``: ``exp``
+  of the log-linear logits of both sides with the contract's stabilisers and key mask."""
+  _check(x, y, w)
+  form = log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
   return _exp_pair(log_linear_logits(form.xq, w, form.col, form.row_q),
                    log_linear_logits(form.xk, w, form.col, form.row_k),
                    _key_mask(y, y_mask), stabilize)
@@ -256,8 +259,7 @@ def posrf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLi
 
 def posrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
   """Pair PosRF features (registry contract), float32 ``[..., n, m]`` / ``[..., l, m]``."""
-  _check(x, y, w)
-  return _positive_pair(posrf_log_linear(x, y, w, params=params), w, y, y_mask, stabilize)
+  return _positive_features(posrf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
 
 
 # ----------------------------------------------------------------------------- GERF
@@ -324,10 +326,10 @@ def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=T
   ``s = +1``: positive features ``[..., m]`` (registered as ``gerf``); ``s = -1``: real
   ``[Re, Im]`` blocks ``[..., 2m]`` (see ``gerf_phi``).  Unbiased for ``exp(x . y)``.
   """
+  if s == 1:
+    return _positive_features(gerf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
   del x_mask
   _check(x, y, w)
-  if s == 1:
-    return _positive_pair(gerf_log_linear(x, y, w, params=params), w, y, y_mask, stabilize)
   if s != -1:
     raise ValueError(f"GERF sign s must be +1 or -1, got {s!r}.")
   a = gerf_a(params)
@@ -335,7 +337,7 @@ def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=T
   lx, px = _gerf_trig_parts(x, w, a)
   ly, py = _gerf_trig_parts(y, w, a)
   if stabilize:
-    lx = lx - _row_max(lx)
+    lx = lx - row_max(lx)
   phi_x = jnp.exp(lx)
   phi_y = _key_exp(ly, yb, stabilize)
   phi_x = jnp.concatenate([phi_x * jnp.cos(px), phi_x * jnp.sin(px)], -1)
@@ -368,9 +370,7 @@ def oprf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLin
 
 def oprf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
   """Pair OPRF features (registry contract): ``A* = stats.oprf_a(x, y, masks)`` per head."""
-  _check(x, y, w)
-  form = oprf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
-  return _positive_pair(form, w, y, y_mask, stabilize)
+  return _positive_features(oprf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
 
 
 # ----------------------------------------------------------------------------- DERF family
@@ -387,24 +387,24 @@ def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``Q diag(b) Q^T``: the same estimator with ``omega -> Q^T omega``, which has the same
   N(0, I) law.)  ``B^T (I-4A)^-1 B = I`` so ``E[f(x) f(y)] = exp(x . y)``: positive, unbiased.
   """
-  _check(x, y, w)
-  form = sderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
-  return _positive_pair(form, w, y, y_mask, stabilize)
+  return _positive_features(sderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+
+
+def _rotate(x, q):
+  """``x[..., n, d] @ Q[..., d, d]`` in float32 (SDERF's eigenbasis coordinates)."""
+  return jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
 
 
 def sderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
   """SDERF's log-features of both sides (rotated by ``Q``, diagonal ``a``) as a LogLinear."""
   del params
   q, a = stats.sderf_params(x, y, x_mask, y_mask)
-  xq = jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
-  yq = jnp.einsum("...nd,...dk->...nk", _f32(y), q, precision=jax.lax.Precision.HIGHEST)
-  return _de_pair(xq, yq, w, a)
+  return _de_pair(_rotate(x, q), _rotate(y, q), w, a)
 
 
 def sderf_phi(x, w, q, a):
   """SDERF of one side given ``(q, a) = stats.sderf_params(...)`` (see ``sderf_features``)."""
-  xq = jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
-  return jnp.exp(de_logits(xq, w, a))
+  return jnp.exp(de_logits(_rotate(x, q), w, a))
 
 
 def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
@@ -418,9 +418,7 @@ def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``exp(x . y)``.  The paper's ADERF allows full matrices ``B1, B2``; this is its diagonal
   special case (as design.md specifies), of which SADERF is the scalar-A special case.
   """
-  _check(x, y, w)
-  form = aderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
-  return _positive_pair(form, w, y, y_mask, stabilize)
+  return _positive_features(aderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
 
 
 def aderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
@@ -450,9 +448,7 @@ def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
   (keeps every ``x . y``), then OPRF's features with ``A* = stats.oprf_a(Psi x, Psi^-1 y)``.
   Positive; unbiased for ``exp(x . y)`` given the statistics.
   """
-  _check(x, y, w)
-  form = saderf_log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
-  return _positive_pair(form, w, y, y_mask, stabilize)
+  return _positive_features(saderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
 
 
 def saderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:

@@ -41,7 +41,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from spectraformer_jax.components import LogLinear
+from spectraformer_jax.components import LogLinear, head_max, row_max
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -59,7 +59,7 @@ def _logits(x, w, col, dtype):
 def _query_features(xq, w, col, dtype):
   """``exp(logits - row max)`` in float32, stored as ``dtype``: ``[..., n, m]``."""
   lq = _logits(xq, w, col, dtype)
-  return jnp.exp(lq - jnp.max(lq, axis=-1, keepdims=True)).astype(dtype)
+  return jnp.exp(lq - row_max(lq)).astype(dtype)
 
 
 def _key_logits(xk, w, col, row_k, mask, dtype):
@@ -68,15 +68,10 @@ def _key_logits(xk, w, col, row_k, mask, dtype):
   return jnp.where(mask[..., None], lk, 0.0)
 
 
-def _key_max(lk, mask):
-  """One stabiliser per leading index: max over unmasked keys and features (0 if none)."""
-  c = jnp.max(jnp.where(mask[..., None], lk, -jnp.inf), axis=(-2, -1))
-  return jnp.where(jnp.isfinite(c), c, 0.0)
-
-
 def _key_features(lk, mask, c, dtype):
-  """``exp(logits - c)`` at unmasked keys, exactly 0 at masked ones, stored as ``dtype``."""
-  return jnp.where(mask[..., None], jnp.exp(lk - c[..., None, None]), 0.0).astype(dtype)
+  """``exp(logits - c)`` at unmasked keys, exactly 0 at masked ones, stored as ``dtype``;
+  ``c [..., 1, 1]`` is ``components.head_max`` of the key logits."""
+  return jnp.where(mask[..., None], jnp.exp(lk - c), 0.0).astype(dtype)
 
 
 def _contract(spec, a, b, dtype):
@@ -92,7 +87,7 @@ def _with_ones(v):
 def _forward(w, dtype, xq, xk, col, row_k, v, mask):
   """One leading index: ``out [n, dv]`` and the residuals ``(c, [S, z], out, 1/den)``."""
   lk = _key_logits(xk, w, col, row_k, mask, dtype)
-  c = _key_max(lk, mask)
+  c = head_max(lk, mask[..., None])
   phi_k = _key_features(lk, mask, c, dtype)
   sz = _contract("...lm,...le->...me", phi_k, _with_ones(v), dtype)          # [m, dv+1]
   nd = _contract("...nm,...me->...ne", _query_features(xq, w, col, dtype), sz, dtype)
