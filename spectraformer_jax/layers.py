@@ -493,11 +493,11 @@ class RFMultiHeadAttention(nnx.Module):
       return jnp.asarray(spec.matrix(_from_vars(self.weight_params),
                                      _from_vars(self.weight_buffers)), jnp.float32)
     if key is not None:
-      params, buffers = _draw(spec, key, self.num_features, self.head_dim, self.weight_kwargs)
+      w = _fixed_matrix(spec, key, self.num_features, self.head_dim, self.weight_kwargs)
     else:
       params = {} if self.weight_buffers is None else _from_vars(self.weight_buffers)
-      buffers = _from_vars(self.random_features)
-    return jax.lax.stop_gradient(jnp.asarray(spec.matrix(params, buffers), jnp.float32))
+      w = jnp.asarray(spec.matrix(params, _from_vars(self.random_features)), jnp.float32)
+    return jax.lax.stop_gradient(w)
 
   def redraw_features(self, key):
     """Redraws the fixed W in place from ``key`` (no-op for learnable weights/softmax)."""
