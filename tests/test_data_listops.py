@@ -1,11 +1,12 @@
-"""ListOps: exact generator, TSV reader, cached generation."""
+"""ListOps: exact generator, TSV reader, parse cache, cached generation."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
 
-from lra_benchmarks.data import get_task, listops
+from lra_benchmarks.data import common, get_task, listops
 from lra_benchmarks.data.common import DataNotFoundError, MalformedDataError
 
 ID_TO_TOKEN = {v: k for k, v in listops.VOCAB.items()}
@@ -143,7 +144,7 @@ def test_tsv_loader(tmp_path, small):
               crlf=(split != "test"))
   task = get_task("listops")
   for split in ("train", "validation", "test"):
-    out = task.load(split, data_dir=str(tmp_path))  # parent of listops-1000
+    out = task.load(split, data_dir=str(tmp_path), shuffle_seed=None)  # parent of listops-1000
     x, y = out["inputs"], out["targets"]
     assert x.dtype == np.int32 and y.dtype == np.int32
     assert x.shape == (len(small[split]["lines"]), 2000)
@@ -159,6 +160,46 @@ def test_tsv_loader(tmp_path, small):
   assert short["inputs"].shape == (150, 600)
   full = task.load("train", data_dir=str(d))
   np.testing.assert_array_equal(short["inputs"], full["inputs"][:, :600])
+
+
+def test_tsv_parse_cache(tmp_path, small, monkeypatch):
+  """The first load parses the TSV and caches its arrays next to it; the second reads the
+  cache; a changed TSV is parsed again."""
+  rows = list(zip(small["train"]["lines"], small["train"]["targets"]))
+  tsv = tmp_path / "basic_train.tsv"
+  write_tsv(tsv, rows)
+  task = get_task("listops")
+  first = task.load("train", data_dir=str(tmp_path))
+  assert os.path.exists(str(tsv) + listops.TSV_CACHE_SUFFIX)
+
+  def no_parse(path):
+    raise AssertionError(f"parsed {path} again")
+  monkeypatch.setattr(listops, "read_tsv", no_parse)
+  second = task.load("train", data_dir=str(tmp_path))
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key])
+  write_tsv(tsv, rows[:-1])  # new size and time: the cache is stale
+  with pytest.raises(AssertionError, match="parsed"):
+    task.load("train", data_dir=str(tmp_path))
+  monkeypatch.undo()
+  assert task.load("train", data_dir=str(tmp_path))["targets"].shape == (len(rows) - 1,)
+
+
+def test_tsv_parse_cache_unwritable(tmp_path, small, monkeypatch):
+  write_tsv(tmp_path / "basic_train.tsv", zip(small["train"]["lines"], small["train"]["targets"]))
+  write_tsv(tmp_path / "basic_test.tsv", zip(small["test"]["lines"], small["test"]["targets"]))
+
+  def read_only(path, **arrays):
+    raise PermissionError(f"read-only: {path}")
+  monkeypatch.setattr(common, "save_npz_atomic", read_only)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    outs = [get_task("listops").load(s, data_dir=str(tmp_path), shuffle_seed=None)
+            for s in ("train", "test", "train")]
+  assert len([w for w in caught if "parse cache" in str(w.message)]) == 1  # said once
+  np.testing.assert_array_equal(outs[0]["targets"], small["train"]["targets"])
+  np.testing.assert_array_equal(outs[1]["targets"], small["test"]["targets"])
+  assert not [n for n in os.listdir(tmp_path) if n.endswith(".npz")]
 
 
 def test_tsv_errors(tmp_path):

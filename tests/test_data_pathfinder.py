@@ -9,7 +9,8 @@ from lra_benchmarks.data.common import DataNotFoundError, MalformedDataError
 
 
 def write_pathfinder(root, resolution=32, sub="curv_contour_length_14", n_files=2, per=10,
-                     empty=()):
+                     empty=(), label_of=None):
+  """LRA's layout with random PNGs; labels random, or ``label_of(file, index)``."""
   base = root / f"pathfinder{resolution}" / sub
   (base / "metadata").mkdir(parents=True)
   rng = np.random.default_rng(0)
@@ -25,7 +26,7 @@ def write_pathfinder(root, resolution=32, sub="curv_contour_length_14", n_files=
       else:
         Image.fromarray(img, mode="L").save(path)
         images[(b, i)] = img.reshape(-1)
-      label = int(rng.integers(0, 2))
+      label = int(rng.integers(0, 2)) if label_of is None else label_of(b, i)
       labels[(b, i)] = label
       lines.append(f"imgs/{b} sample_{i}.png {i} {label} 1.8 2 0.5 14 0")
     (base / "metadata" / f"{b}.npy").write_text("\n".join(lines) + "\n")

@@ -41,14 +41,15 @@ def order(split, sub):  # files 2, 9, 10 in numeric order
 def test_aclimdb(tmp_path):
   write_aclimdb(tmp_path)
   task = get_task("text")
-  out = task.load("train", data_dir=str(tmp_path), max_length=16)
+  out = task.load("train", data_dir=str(tmp_path), max_length=16, shuffle_seed=None)
   texts = order("train", "neg") + order("train", "pos")
   np.testing.assert_array_equal(out["inputs"], expected(texts, 16))
   np.testing.assert_array_equal(out["targets"], [0, 0, 1, 1, 1])
   assert out["inputs"].dtype == np.int32 and out["inputs"].max() <= 256
   # LRA: validation and test are both the IMDB test split.
-  val = task.load("validation", data_dir=str(tmp_path / "aclImdb"), source="aclimdb")
-  test = task.load("test", data_dir=str(tmp_path))
+  val = task.load("validation", data_dir=str(tmp_path / "aclImdb"), source="aclimdb",
+                  shuffle_seed=None)
+  test = task.load("test", data_dir=str(tmp_path), shuffle_seed=None)
   assert val["inputs"].shape == (3, 4000)
   np.testing.assert_array_equal(val["inputs"], test["inputs"])
   np.testing.assert_array_equal(val["targets"], [0, 1, 1])
@@ -63,7 +64,7 @@ def test_aclimdb_missing(tmp_path):
 def test_tfds_mock(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    out = get_task("text").load("train", max_length=64)
+    out = get_task("text").load("train", max_length=64, shuffle_seed=None)
     src = tfds.data_source("imdb_reviews", split="train")
     texts = [src[i]["text"] for i in range(len(src))]
     labels = [int(src[i]["label"]) for i in range(len(src))]

@@ -10,6 +10,13 @@ import numpy as np
 
 SPLITS = ("train", "validation", "test")
 
+SHUFFLE_SEED = 0
+"""Seed of the one-time shuffle of every split a loader returns (the ``shuffle_seed`` option of
+each ``load``; None keeps the source's order). Sources are often ordered (IMDB: all negatives,
+then all positives; CIFAR / Pathfinder files in file order), so an unshuffled prefix of a split --
+the first ``num_eval_steps`` batches of a partial validation -- can hold a single class. Shuffled,
+every prefix is a fixed uniformly random sample: the same examples in every evaluation."""
+
 CACHE_ENV = "SPECTRAFORMER_JAX_CACHE"
 """Environment variable naming the cache root (default ``~/.cache/spectraformer_jax``)."""
 
@@ -27,6 +34,31 @@ def check_split(split: str) -> str:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   return split
+
+
+def shuffle_split(arrays: dict[str, np.ndarray], seed: int | None) -> dict[str, np.ndarray]:
+  """Every array of ``arrays`` (same leading size n) reordered along axis 0 by
+  ``np.random.default_rng(seed).permutation(n)``; ``seed=None`` returns them unchanged."""
+  if seed is None:
+    return arrays
+  sizes = {k: len(v) for k, v in arrays.items()}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"cannot shuffle arrays of different lengths together: {sizes}")
+  n = next(iter(sizes.values()), 0)
+  perm = np.random.default_rng(int(seed)).permutation(n)
+  return {k: v[perm] for k, v in arrays.items()}
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+  """``np.savez(path, **arrays)`` through a temporary file renamed over ``path``, so a reader
+  never sees half a file. Raises OSError when the folder is not writable."""
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def cache_root() -> str:

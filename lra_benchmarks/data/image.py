@@ -4,15 +4,18 @@ Grayscale is ``tf.image.rgb_to_grayscale`` then ``int32``, reproduced in float32
 numpy: ``g = uint8(((R, G, B) / 255) . (0.2989, 0.5870, 0.1140) * 255.5)``
 (truncation toward zero, as ``convert_image_dtype`` float -> uint8). Tokens are
 the 1024 pixels in row-major order, values 0..255 (vocab 256, every position is
-real: no padding). Splits as LRA / the study: train = first 90% of CIFAR train
-(45000), validation = last 10% (5000), test = CIFAR test (10000).
+real: no padding). Splits as LRA / the study: train = 90% of CIFAR train (45000), validation =
+the other 10% (5000), test = CIFAR test (10000). The official train and test sets are shuffled
+once with ``shuffle_seed`` (default ``common.SHUFFLE_SEED``) before the 90% / 10% cut, so every
+split and every prefix of one is a random sample whatever the file order (LRA cuts tfds' own
+shuffled order instead: a different random 10%). ``shuffle_seed=None`` keeps the file order.
 
 Sources: ``source="tfds"``: ``tfds.data_source("cifar10")`` (``data_dir`` is the
 tfds data dir); ``source="pickle"``: the ``cifar-10-batches-py`` folder
 (``data_batch_1..5``, ``test_batch``; ``data_dir`` is it or its parent).
 ``source=None`` picks ``pickle`` when ``data_dir`` holds that folder. The two
 sources order the training images differently (tfds shuffles at preparation),
-so their 45000/5000 cut differs; both are 90%/10% of the official train set.
+so without the shuffle their 45000/5000 cut differs.
 """
 
 from __future__ import annotations
@@ -113,8 +116,9 @@ def read_tfds(train: bool, data_dir: str | None,
 
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
          source: str | None = None, download: bool = False,
+         shuffle_seed: int | None = common.SHUFFLE_SEED,
          dtype=np.int32) -> dict[str, np.ndarray]:
-  """Loads one split as grayscale pixel tokens.
+  """Loads one split as grayscale pixel tokens, shuffled.
 
   Args:
     split: "train", "validation" or "test".
@@ -122,6 +126,8 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     max_length: None or 1024 (the only valid length).
     source: "tfds", "pickle" or None (pickle if ``data_dir`` holds it).
     download: let tfds download and prepare the data.
+    shuffle_seed: seed of the permutation of the official split, applied before the cut
+      (``common.shuffle_split``); None keeps the source order.
     dtype: dtype of "inputs".
 
   Returns:
@@ -149,6 +155,8 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     imgs, labels = read_tfds(train, data_dir, download)
   else:
     raise ValueError(f"image: source must be 'tfds' or 'pickle', got {source!r}")
+  shuffled = common.shuffle_split({"images": imgs, "labels": labels}, shuffle_seed)
+  imgs, labels = shuffled["images"], shuffled["labels"]
   if train:
     cut = (labels.shape[0] * 9) // 10  # train[:90%] / train[90%:]: 45000 / 5000
     sl = slice(0, cut) if split == "train" else slice(cut, None)

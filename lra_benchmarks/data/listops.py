@@ -22,6 +22,10 @@ builds that list from a Python set, so its id order changes with the hash seed;
 ours is fixed (sorted): pad 0, "0".."9" -> 1..10, "X" -> 11, "[MAX" -> 12,
 "[MED" -> 13, "[MIN" -> 14, "[SM" -> 15, OOV 16 (reserved, never produced: an
 unknown token in a TSV is reported as malformed instead).
+
+A TSV is parsed once: its token arrays are kept next to it in ``<file>.tokens.npz``, keyed by
+the TSV's size and modification time. Every split is shuffled once with ``shuffle_seed``
+(default ``common.SHUFFLE_SEED``), so any prefix of it is a random sample.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import shutil
 import sys
 import time
 from typing import Any, Sequence
+import warnings
+import zipfile
 
 import numpy as np
 
@@ -473,6 +479,36 @@ def read_tsv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return ids, lengths, np.array(targets, dtype=np.int32)
 
 
+TSV_CACHE_SUFFIX = ".tokens.npz"
+_UNWRITABLE: set[str] = set()  # folders already reported as not writable
+
+
+def read_tsv_cached(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``read_tsv(path)``, parsed once: the result is kept in ``<path>.tokens.npz`` (written
+  atomically) with the key ``[FORMAT_VERSION, size, mtime_ns]`` of the TSV, and read from there
+  while the key matches. If the folder is not writable the TSV is parsed on every call, and a
+  warning says so once per folder."""
+  cache = path + TSV_CACHE_SUFFIX
+  st = os.stat(path)
+  key = np.array([FORMAT_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
+  try:
+    with np.load(cache) as z:
+      if np.array_equal(z["key"], key):
+        return z["tokens"], z["lengths"], z["targets"]
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    pass  # no cache yet, or an unreadable one: parse and rewrite it
+  ids, lengths, targets = read_tsv(path)
+  try:
+    common.save_npz_atomic(cache, key=key, tokens=ids, lengths=lengths, targets=targets)
+  except OSError as e:
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in _UNWRITABLE:
+      _UNWRITABLE.add(folder)
+      warnings.warn(f"listops: cannot write the parse cache next to the TSVs in {folder} ({e}); "
+                    "they will be parsed on every load", stacklevel=2)
+  return ids, lengths, targets
+
+
 def find_tsv_dir(data_dir: str, task_name: str = "basic") -> str:
   """The first of ``data_dir``, ``data_dir/listops-1000`` and
   ``data_dir/lra_release/listops-1000`` holding ``{task_name}_train.tsv`` or
@@ -494,13 +530,16 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
          seed: int = 0, cache_dir: str | None = None, num_train: int = NUM_TRAIN,
          num_val: int = NUM_VAL, num_test: int = NUM_TEST, workers: int | None = None,
          progress: bool = True, task_name: str = "basic",
+         shuffle_seed: int | None = common.SHUFFLE_SEED,
          dtype=np.int32) -> dict[str, np.ndarray]:
-  """{"inputs": [N, max_length] ids (0-padded), "targets": [N]}.
+  """{"inputs": [N, max_length] ids (0-padded), "targets": [N]}, shuffled.
 
   ``data_dir``: a folder with LRA's ``basic_{train,val,test}.tsv`` (or its
   parent holding ``listops-1000/``). ``None``: the generated set for ``seed`` in
   ``cache_dir`` (default ``$SPECTRAFORMER_JAX_CACHE/listops``, i.e.
-  ``~/.cache/spectraformer_jax/listops``), generated on first use.
+  ``~/.cache/spectraformer_jax/listops``), generated on first use. TSVs are parsed once
+  (``read_tsv_cached``). ``shuffle_seed``: seed of the split's permutation
+  (``common.shuffle_split``); None keeps the source order.
   """
   common.check_split(split)
   L = common.resolve_max_length(max_length, DEFAULT_MAX_LENGTH)
@@ -514,9 +553,9 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     p = os.path.join(d, f"{task_name}_{_SPLIT_FILE[split]}.tsv")
     if not os.path.exists(p):
       raise common.missing("listops", [p], common.LRA_RELEASE_HOW)
-    ids, lengths, targets = read_tsv(p)
-  return {"inputs": common.ragged_to_padded(ids, lengths, L, dtype=dtype),
-          "targets": np.asarray(targets, dtype=np.int32)}
+    ids, lengths, targets = read_tsv_cached(p)
+  return common.shuffle_split({"inputs": common.ragged_to_padded(ids, lengths, L, dtype=dtype),
+                               "targets": np.asarray(targets, dtype=np.int32)}, shuffle_seed)
 
 
 # ---------------------------------------------------------------- reference evaluator

@@ -13,8 +13,10 @@ Tokens: grayscale pixel values 0..255 of the R x R PNG (read with Pillow,
 converted to mode "L" if needed) in row-major order, length R*R (1024 for
 R = 32), vocab 256, no padding. Splits (LRA: ``[:80%]``, ``[80%:90%]``,
 ``[90%:]`` of tfds' shuffled order): examples in metadata order (files sorted
-by number), permuted with ``split_seed`` (default 0), then train = first
-floor(0.8 N), validation = up to floor(0.9 N), test = the rest.
+by number), permuted with ``split_seed`` (default ``common.SHUFFLE_SEED``), then train = first
+floor(0.8 N), validation = up to floor(0.9 N), test = the rest. The permutation is also the
+one-time shuffle of every split: the metadata lists examples in file order, and any prefix of
+a split is a random sample of the set.
 
 Decoded images are cached (``cache=True``) as one ``.npz`` per folder under
 ``$SPECTRAFORMER_JAX_CACHE/pathfinder``, keyed by the folder's path and its
@@ -138,13 +140,11 @@ def read_folder(folder: str, resolution: int, *, cache: bool = True,
   labels = labels[keep]
   if cpath is not None:
     os.makedirs(os.path.dirname(cpath), exist_ok=True)
-    tmp = f"{cpath}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, cpath)
+    common.save_npz_atomic(cpath, images=images, labels=labels)
   return images, labels
 
 
-def split_indices(n: int, split: str, split_seed: int = 0) -> np.ndarray:
+def split_indices(n: int, split: str, split_seed: int = common.SHUFFLE_SEED) -> np.ndarray:
   """int64 indices into ``range(n)`` of ``split``: a ``split_seed`` permutation cut
   80% / 10% / 10% into train / validation / test (KeyError for another split)."""
   perm = np.random.default_rng(split_seed).permutation(n)
@@ -153,7 +153,8 @@ def split_indices(n: int, split: str, split_seed: int = 0) -> np.ndarray:
 
 
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
-         resolution: int = 32, difficulty: str = "hard", split_seed: int = 0,
+         resolution: int = 32, difficulty: str = "hard",
+         split_seed: int = common.SHUFFLE_SEED,
          cache: bool = True, cache_dir: str | None = None, workers: int | None = None,
          dtype=np.int32) -> dict[str, np.ndarray]:
   """Loads one split as pixel tokens (see the module docstring for the layout).

@@ -5,7 +5,8 @@ header, five tab-separated fields: label, id1, id2, text1, text2 (no quoting:
 LRA reads them with ``use_quote_delim=False``). Label is 0/1 (written as an int
 or a float). Each text is truncated to 10000 bytes (as LRA), encoded byte b ->
 b + 1 (pad 0, vocab 257), cut to ``max_length`` (default 4000) per document.
-Splits: train / eval / test files -> "train" / "validation" / "test".
+Splits: train / eval / test files -> "train" / "validation" / "test", each shuffled once with
+``shuffle_seed`` (default ``common.SHUFFLE_SEED``), so any prefix is a random sample.
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ def read_tsv(path: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
 
 
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
+         shuffle_seed: int | None = common.SHUFFLE_SEED,
          dtype=np.int32) -> dict[str, np.ndarray]:
-  """Loads one split as byte ids per document.
+  """Loads one split as byte ids per document, shuffled.
 
   Args:
     split: "train", "validation" or "test" (files train / eval / test).
     data_dir: the ``tsv_data`` folder or a parent (required).
     max_length: tokens per document (default 4000).
+    shuffle_seed: seed of the split's permutation (``common.shuffle_split``); None keeps the
+      file order.
     dtype: dtype of "inputs1" / "inputs2".
 
   Returns:
@@ -101,6 +105,7 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
   if not os.path.exists(p):
     raise common.missing("retrieval", [p], common.LRA_RELEASE_HOW)
   t1, t2, labels = read_tsv(p)
-  return {"inputs1": common.byte_encode(t1, L, dtype=dtype, truncate_bytes=10000),
-          "inputs2": common.byte_encode(t2, L, dtype=dtype, truncate_bytes=10000),
-          "targets": labels}
+  return common.shuffle_split(
+      {"inputs1": common.byte_encode(t1, L, dtype=dtype, truncate_bytes=10000),
+       "inputs2": common.byte_encode(t2, L, dtype=dtype, truncate_bytes=10000),
+       "targets": labels}, shuffle_seed)

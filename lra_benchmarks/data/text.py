@@ -10,6 +10,10 @@ TensorFlow needed once the data is prepared; ``data_dir`` is the tfds data dir);
 ``source="aclimdb"`` reads an ``aclImdb/`` folder (``{train,test}/{neg,pos}/*.txt``;
 ``data_dir`` is that folder or its parent). ``source=None`` picks ``aclimdb`` when
 ``data_dir`` holds such a folder, else ``tfds``.
+
+Every split is shuffled once with ``shuffle_seed`` (default ``common.SHUFFLE_SEED``): the
+aclImdb folders list all negatives before all positives, so any prefix of a split (a partial
+validation) is a random sample only after the shuffle.
 """
 
 from __future__ import annotations
@@ -77,8 +81,9 @@ def read_tfds(imdb_split: str, data_dir: str | None,
 
 def load(split: str, *, data_dir: str | None = None, max_length: int | None = None,
          source: str | None = None, download: bool = False,
+         shuffle_seed: int | None = common.SHUFFLE_SEED,
          dtype=np.int32) -> dict[str, np.ndarray]:
-  """Loads one split as byte ids (validation and test are both IMDB test).
+  """Loads one split as byte ids (validation and test are both IMDB test), shuffled.
 
   Args:
     split: "train", "validation" or "test".
@@ -86,6 +91,8 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     max_length: tokens per example (default 4000).
     source: "tfds", "aclimdb" or None (aclimdb if ``data_dir`` holds it).
     download: let tfds download and prepare the data.
+    shuffle_seed: seed of the split's permutation (``common.shuffle_split``); None keeps the
+      source order.
     dtype: dtype of "inputs".
 
   Returns:
@@ -111,4 +118,5 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     texts, labels = read_tfds(imdb_split, data_dir, download)
   else:
     raise ValueError(f"text: source must be 'tfds' or 'aclimdb', got {source!r}")
-  return {"inputs": common.byte_encode(texts, L, dtype=dtype), "targets": labels}
+  return common.shuffle_split({"inputs": common.byte_encode(texts, L, dtype=dtype),
+                               "targets": labels}, shuffle_seed)
