@@ -291,6 +291,17 @@ def run_state(run_dir: str, requested: dict[str, Any]) -> tuple[str, str]:
   return "new", ""
 
 
+def prepare_data(runs: Sequence[Run], say: Callable[[str], None] = print) -> None:
+  """Generates the default ListOps set once, before concurrent trainings would each generate
+  it, when a ListOps run has no ``data_dir`` override."""
+  if any(run.task == "listops" and not any(o.startswith("--config.data_dir=")
+                                           for o in run.overrides) for run in runs):
+    from lra_benchmarks.data import listops  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(listops.generated_dir(), "tokens.npz")):
+      say("Generating the ListOps set once for every run ...")
+    listops.ensure_generated()
+
+
 def child_env(concurrent: int, preallocate: bool,
               base: dict[str, str] | None = None) -> dict[str, str]:
   """The environment of each training: ``base`` (default ``os.environ``), plus, when
@@ -462,6 +473,9 @@ def run_study(runs: Sequence[Run], root: str, *, concurrent: int = 1, preallocat
       counts["conflict"] += 1
       progress.line(run, f"SKIPPED: its folder holds a run with another config ({detail}); "
                     "remove it or use another --workdir")
+
+  if todo:
+    prepare_data(todo, say)
 
   def report(heatmaps: bool) -> None:
     study_report.write_reports(root, compare=compare, heatmaps=heatmaps, components=components,

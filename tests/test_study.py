@@ -222,3 +222,25 @@ def test_study_end_to_end_kill_and_resume(tmp_path, listops_dir):
                          check=True).stdout
   assert "0 trained, 4 finished earlier" in again
   assert _mtimes(root) == after
+
+
+def test_failed_runs_are_recorded_and_the_study_goes_on(tmp_path):
+  """A training that exits with an error: each run is recorded as failed with the end of its
+  log, every run is attempted, and the reports list them."""
+  fake = tmp_path / "fake_python"
+  fake.write_text("#!/bin/sh\necho 'Traceback (most recent call last):'\n"
+                  "echo 'ValueError: config.model.weight=nope'\nexit 3\n")
+  fake.chmod(0o755)
+  runs = study.make_runs(["listops"], ["softmax", "flash"], [0], [],
+                         {"listops": str(tmp_path / "data")})
+  root = str(tmp_path / "W")
+  said = []
+  counts = study.run_study(runs, root, python=str(fake), say=said.append)
+  assert counts == {"done": 0, "skipped": 0, "failed": 2, "conflict": 0}
+  for run in runs:
+    meta = json.load(open(os.path.join(run.workdir(root), "study_run.json")))
+    assert meta["status"] == "failed" and meta["returncode"] == 3
+    assert meta["error"].splitlines()[0] == "exit code 3"
+    assert meta["error"].splitlines()[-1] == "ValueError: config.model.weight=nope"
+  assert sum("FAILED" in s for s in said) == 2
+  assert "ValueError: config.model.weight=nope" in open(os.path.join(root, "study.md")).read()
