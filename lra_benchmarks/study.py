@@ -270,16 +270,15 @@ def run_state(run_dir: str, requested: dict[str, Any]) -> tuple[str, str]:
   ``study_run.json`` and the trainer's ``config.json``; a difference from ``requested`` is a
   conflict (detail: the differing keys).
   """
-  results = study_report._read_json(os.path.join(run_dir, study_report.RESULTS_FILE))
+  results = study_report.read_json(os.path.join(run_dir, study_report.RESULTS_FILE))
   complete = study_report.is_complete(results)
-  meta = study_report._read_json(os.path.join(run_dir, study_report.RUN_FILE)) or {}
-  recorded = None
+  meta = study_report.read_json(os.path.join(run_dir, study_report.RUN_FILE)) or {}
   if complete and isinstance(results.get("config"), dict):
     recorded = results["config"]
   elif isinstance(meta.get("config"), dict):
     recorded = meta["config"]
   else:
-    recorded = study_report._read_json(os.path.join(run_dir, "config.json"))
+    recorded = study_report.read_json(os.path.join(run_dir, "config.json"))
   if recorded is not None:
     diff = config_diff(normalise_config(recorded), requested)
     if diff:
@@ -385,7 +384,7 @@ def execute(run: Run, root: str, config: dict[str, Any], *, python: str, env: di
   meta["wall_s"] = time.perf_counter() - start
   meta["returncode"] = returncode
   meta["finished"] = _now()
-  results = study_report._read_json(os.path.join(run_dir, study_report.RESULTS_FILE))
+  results = study_report.read_json(os.path.join(run_dir, study_report.RESULTS_FILE))
   if returncode == 0 and study_report.is_complete(results):
     meta["status"] = "done"
     meta["test_accuracy"] = results["test_accuracy"]

@@ -85,7 +85,7 @@ COMPARE_CHOICES = ("none", "paper")
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder")
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
   """The JSON object in ``path``; None if the file is missing or not a complete JSON object."""
   try:
     with open(path, encoding="utf-8") as f:
@@ -118,8 +118,8 @@ def run_row(run_dir: str, root: str) -> dict[str, Any] | None:
   ``status``: "done" (complete results), else the runner's status ("failed", "running") or
   "incomplete" (results.json without test accuracy, or no runner record).
   """
-  meta = _read_json(os.path.join(run_dir, RUN_FILE))
-  results = _read_json(os.path.join(run_dir, RESULTS_FILE))
+  meta = read_json(os.path.join(run_dir, RUN_FILE))
+  results = read_json(os.path.join(run_dir, RESULTS_FILE))
   if meta is None and results is None:
     return None
   rel = os.path.relpath(run_dir, root)

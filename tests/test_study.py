@@ -196,7 +196,7 @@ def test_study_end_to_end_kill_and_resume(tmp_path, listops_dir):
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
   try:
-    while not study_report.is_complete(study_report._read_json(first)) and proc.poll() is None:
+    while not study_report.is_complete(study_report.read_json(first)) and proc.poll() is None:
       time.sleep(0.2)
   finally:
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training, as a crash would
