@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -36,9 +36,10 @@ def check_split(split: str) -> str:
   return split
 
 
-def shuffle_split(arrays: dict[str, np.ndarray], seed: int | None) -> dict[str, np.ndarray]:
-  """Every array of ``arrays`` (same leading size n) reordered along axis 0 by
-  ``np.random.default_rng(seed).permutation(n)``; ``seed=None`` returns them unchanged."""
+def shuffle_split(arrays: dict[str, np.ndarray | list], seed: int | None) -> dict[str, Any]:
+  """Every array or list of ``arrays`` (same length n) reordered along axis 0 by
+  ``np.random.default_rng(seed).permutation(n)``; ``seed=None`` returns them unchanged.
+  (Loaders shuffle the raw texts before encoding them, so no second padded copy is made.)"""
   if seed is None:
     return arrays
   sizes = {k: len(v) for k, v in arrays.items()}
@@ -46,7 +47,8 @@ def shuffle_split(arrays: dict[str, np.ndarray], seed: int | None) -> dict[str, 
     raise ValueError(f"cannot shuffle arrays of different lengths together: {sizes}")
   n = next(iter(sizes.values()), 0)
   perm = np.random.default_rng(int(seed)).permutation(n)
-  return {k: v[perm] for k, v in arrays.items()}
+  return {k: [v[i] for i in perm] if isinstance(v, list) else v[perm]
+          for k, v in arrays.items()}
 
 
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:

@@ -105,7 +105,7 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
   if not os.path.exists(p):
     raise common.missing("retrieval", [p], common.LRA_RELEASE_HOW)
   t1, t2, labels = read_tsv(p)
-  return common.shuffle_split(
-      {"inputs1": common.byte_encode(t1, L, dtype=dtype, truncate_bytes=10000),
-       "inputs2": common.byte_encode(t2, L, dtype=dtype, truncate_bytes=10000),
-       "targets": labels}, shuffle_seed)
+  pairs = common.shuffle_split({"text1": t1, "text2": t2, "labels": labels}, shuffle_seed)
+  return {"inputs1": common.byte_encode(pairs["text1"], L, dtype=dtype, truncate_bytes=10000),
+          "inputs2": common.byte_encode(pairs["text2"], L, dtype=dtype, truncate_bytes=10000),
+          "targets": pairs["labels"]}

@@ -118,5 +118,6 @@ def load(split: str, *, data_dir: str | None = None, max_length: int | None = No
     texts, labels = read_tfds(imdb_split, data_dir, download)
   else:
     raise ValueError(f"text: source must be 'tfds' or 'aclimdb', got {source!r}")
-  return common.shuffle_split({"inputs": common.byte_encode(texts, L, dtype=dtype),
-                               "targets": labels}, shuffle_seed)
+  shuffled = common.shuffle_split({"texts": texts, "labels": labels}, shuffle_seed)
+  return {"inputs": common.byte_encode(shuffled["texts"], L, dtype=dtype),
+          "targets": shuffled["labels"]}
