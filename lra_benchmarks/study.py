@@ -45,7 +45,10 @@ CONFIGS = os.path.join(ROOT, "configs")
 BASELINES = ("softmax", "flash")
 LOG_FILE = "train.log"
 MEMORY_BUDGET = 0.9  # fraction of the accelerator's memory shared by the concurrent runs
-IGNORED_CONFIG_KEYS = ("progress_bar",)  # do not change results; not compared when skipping
+# Keys that say how a run is logged, checkpointed or placed in memory, not what it computes:
+# not compared when deciding whether a finished run is the requested one.
+IGNORED_CONFIG_KEYS = ("progress_bar", "log_every", "checkpoint_every", "checkpoint_every_seconds",
+                       "keep_checkpoints", "memory_fraction", "resume")
 FORBIDDEN_SET_KEYS = {"seed": "use --seeds", "task": "use --tasks"}
 ERROR_TAIL_LINES = 20
 
