@@ -244,3 +244,18 @@ def test_failed_runs_are_recorded_and_the_study_goes_on(tmp_path):
     assert meta["error"].splitlines()[-1] == "ValueError: config.model.weight=nope"
   assert sum("FAILED" in s for s in said) == 2
   assert "ValueError: config.model.weight=nope" in open(os.path.join(root, "study.md")).read()
+
+
+def test_main_dry_run_report_only_and_errors(tmp_path, capsys):
+  root = str(tmp_path / "W")
+  assert study.main(["--tasks=listops", "--attentions=softmax,posrf-qmc", "--seeds=0,1",
+                     f"--workdir={root}", "--set=num_train_steps=5", "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("lra_benchmarks.train") == 4 and out.count(": new") == 4
+  assert "--config.num_train_steps=5" in out and not os.path.exists(root)
+  _fake_run(root, "listops", "softmax", 0, 0.25)
+  assert study.main([f"--workdir={root}", "--report_only", "--compare=paper"]) == 0
+  assert "38.49" in open(os.path.join(root, "study.md")).read()
+  assert study.main(["--tasks=listops", "--attentions=softmax", f"--workdir={root}",
+                     "--set=seed=1"]) == 2
+  assert "--seeds" in capsys.readouterr().err
