@@ -364,7 +364,8 @@ class _Children:
 def execute(run: Run, root: str, config: dict[str, Any], *, python: str, env: dict[str, str],
             children: _Children) -> dict[str, Any]:
   """Trains ``run`` in its folder (log appended to ``train.log``) and records the outcome in
-  ``study_run.json``: status "done", or "failed" with the last lines of this attempt's log."""
+  ``study_run.json``: status "done", "interrupted" (the study was stopped), or "failed" with
+  the last lines of this attempt's log."""
   run_dir = run.workdir(root)
   os.makedirs(run_dir, exist_ok=True)
   meta_path = os.path.join(run_dir, study_report.RUN_FILE)
@@ -391,6 +392,8 @@ def execute(run: Run, root: str, config: dict[str, Any], *, python: str, env: di
   if returncode == 0 and study_report.is_complete(results):
     meta["status"] = "done"
     meta["test_accuracy"] = results["test_accuracy"]
+  elif children.stopping:
+    meta["status"] = "interrupted"  # stopped by the study; the next run of it resumes here
   else:
     meta["status"] = "failed"
     with open(log_path, "rb") as f:
@@ -500,7 +503,7 @@ def run_study(runs: Sequence[Run], root: str, *, concurrent: int = 1, preallocat
             outcome = f"done, test accuracy {100 * meta['test_accuracy']:.2f}%"
           else:
             counts["failed"] += 1
-            outcome = (f"FAILED ({meta['error'].splitlines()[-1][:160]}); log "
+            outcome = (f"FAILED ({meta.get('error', meta['status']).splitlines()[-1][:160]}); log "
                        f"{os.path.join(run.workdir(root), LOG_FILE)}")
           progress.line(run, f"{outcome} in {_duration(meta['wall_s'])}", meta["wall_s"])
           report(heatmaps=False)
