@@ -30,7 +30,8 @@ class Task:
            **options) -> dict[str, np.ndarray]:
     """``split`` in {"train", "validation", "test"} -> {"inputs": int32[N, L] (retrieval:
     "inputs1", "inputs2"), "targets": int32[N]}, 0-padded to exactly L = max_length
-    (default ``default_max_length``; pathfinder: resolution ** 2)."""
+    (default ``default_max_length``; pathfinder: resolution ** 2). Every split is shuffled
+    once with a fixed seed (``common.SHUFFLE_SEED``), so any prefix is a random sample."""
     module = importlib.import_module(f"lra_benchmarks.data.{self.name}")  # lazy: tfds only where needed
     return module.load(split, data_dir=data_dir, max_length=max_length, **options)
 
