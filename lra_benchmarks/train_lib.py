@@ -501,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_batch_divides(config.batch_size)
   check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
   is_main = jax.process_index() == 0
-  workdir = workdir_lib.prepare(workdir, config, write=is_main)
+  workdir = workdir_lib.prepare(workdir, config)
   reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps, enabled=is_main,
                                            show_progress=config.progress_bar)
   say = _sayer(reporter)
@@ -517,6 +517,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        say=say) as best, \
        stop or interrupts.StopRequest(say=say) as stop:
     state, meta = resume(latest, best, setup.init_state(), config, say)
+    if is_main:
+      workdir_lib.store_config(workdir, config)
     previous = workdir_lib.load_json(results_path)
     if meta["finished"] and previous and previous.get("steps") == int(state.step):
       say(f"Already finished at step {int(state.step)}: results in {results_path}.")
@@ -561,7 +563,7 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
   batch = setup.shard(next(batches))
   compiled = setup.train_step.lower(state, batch).compile()  # AOT: also gives memory_analysis
   end_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
-  clock, pending, metrics = _StepClock(), [], None
+  clock, pending, shown = _StepClock(), [], {}
   run_start = last_save = time.perf_counter()
   earlier = (meta["train_time_s"], meta["step_seconds"], meta["timed_steps"])
 
@@ -590,10 +592,10 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
       summary = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
       summary["steps_per_second"] = clock.steps / clock.seconds if clock.seconds else 0.0
       writer.write(step, "train", summary)
-      reporter.train(step, loss=summary["loss"], accuracy=summary["accuracy"])
-    elif reporter.due():
+      shown = {"loss": summary["loss"], "accuracy": summary["accuracy"]}
+    if reporter.due() or step == end_step:
       jax.block_until_ready(metrics)  # show only steps the device has finished
-      reporter.train(step)
+      reporter.train(step, **shown)
     if step % config.eval_every == 0 or step == config.num_train_steps:
       clock.pause(metrics)
       val = evaluator(state, "validation", config.num_eval_steps)
@@ -678,3 +680,77 @@ def final_params(workdir: str) -> Any:
     return store.restore(store.steps()[-1])[0]["params"]
   finally:
     store.close()
+
+
+def checkpoint_candidates(path: str) -> list[tuple[str, Optional[int]]]:
+  """Where the model to evaluate lies: ``[(store directory, step or None for the newest)]``.
+
+  ``path`` is a workdir (its ``best`` store, then ``checkpoints``), a store directory (holding
+  ``<step>/`` directories) or one step's directory (``.../<step>`` holding ``state/``).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise checkpoints_lib.CheckpointError(f"--checkpoint={path} is not a directory.")
+  stores = [os.path.join(path, d) for d in ("best", "checkpoints")
+            if os.path.isdir(os.path.join(path, d))]
+  if stores:
+    return [(d, None) for d in stores]
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return [(os.path.dirname(path), int(name))]
+  if any(d.isdigit() for d in os.listdir(path)):
+    return [(path, None)]
+  raise checkpoints_lib.CheckpointError(
+      f"{path} holds no checkpoint: pass a workdir, its checkpoints/ or best/ directory, or "
+      "one step's directory (e.g. WORKDIR/checkpoints/500).")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
+                        datasets: Optional[dict[str, dict]] = None) -> dict:
+  """Validation and test figures of a saved model (whole splits, ``config.validation``
+  protocol): ``{"checkpoint", "step", "protocol", "validation_accuracy", "validation_loss",
+  "test_accuracy", "test_loss", ...}``. ``path`` as ``checkpoint_candidates``; the newest
+  readable checkpoint of the first store that has one is used."""
+  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
+  task = lra_data.get_task(config.task)
+  model_config = validate_config(config, task)
+  check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
+  candidates = checkpoint_candidates(path)
+  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps,
+                                           enabled=jax.process_index() == 0,
+                                           show_progress=config.progress_bar)
+  say = _sayer(reporter)
+  datasets = evaluate_lib.protocol_splits(
+      load_datasets(config, task) if datasets is None else
+      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
+      config.validation, config.heldout_fraction)
+  setup = build(config, task, model_config)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, setup.init_state())
+  found, errors = None, []
+  for directory, step in candidates:
+    with checkpoints_lib.CheckpointStore(directory, max_to_keep=1, say=say) as store:
+      try:
+        if step is None:
+          newest = store.restore_latest(abstract, verify=_verify)
+          found = None if newest is None else (directory, *newest)
+        else:
+          found = (directory, step, *store.restore(step, abstract))
+      except checkpoints_lib.CheckpointError as e:
+        errors.append(str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"{directory}/{step}: {checkpoints_lib.short_error(e)}")
+    if found is not None:
+      break
+  if found is None:
+    raise checkpoints_lib.CheckpointError(
+        f"No readable checkpoint for this config under {path}: {' '.join(errors)}")
+  directory, step, state, _ = found
+  evaluator = make_evaluator(setup, datasets, config, reporter)
+  validation, test = evaluator(state, "validation"), evaluator(state, "test")
+  reporter.close()
+  return {"checkpoint": os.path.join(directory, str(step)), "step": step,
+          "protocol": config.validation,
+          "validation_accuracy": validation["accuracy"], "validation_loss": validation["loss"],
+          "validation_examples": validation["examples"], "test_accuracy": test["accuracy"],
+          "test_loss": test["loss"], "test_examples": test["examples"],
+          "task": config.task, "attention": config.model.attention}

@@ -23,10 +23,17 @@ class CheckpointError(RuntimeError):
   """No checkpoint in a directory could be restored; the message says what to do."""
 
 
-def short_error(error: BaseException, limit: int = 160) -> str:
-  """``"Type: first line of the message"``, cut to ``limit`` characters."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+def short_error(error: BaseException, limit: int = 200) -> str:
+  """``"Type: first line of the message"`` of the root cause of ``error`` (the innermost of its
+  ``__cause__``/``__context__`` chain: TensorStore's own words rather than orbax's wrapper),
+  cut to ``limit`` characters."""
+  seen = {id(error)}
+  while (error.__cause__ or error.__context__) is not None and id(
+      error.__cause__ or error.__context__) not in seen:
+    error = error.__cause__ or error.__context__
+    seen.add(id(error))
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -34,12 +34,13 @@ def format_duration(seconds: Optional[float]) -> str:
   return f"{hours} h {rest // 60:02d} min"
 
 
-def format_rate(steps: int, seconds: float) -> str:
-  """``"2.35 steps/s"``, or ``"14.2 s/step"`` below one step per second."""
-  if steps <= 0 or seconds <= 0:
+def format_rate(steps_per_second: Optional[float]) -> str:
+  """``"2.35 steps/s"``, or ``"14.2 s/step"`` below one step per second; None -> ``"rate n/a"``."""
+  if not steps_per_second:
     return "rate n/a"
-  rate = steps / seconds
-  return f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
+  if steps_per_second >= 1:
+    return f"{steps_per_second:.2f} steps/s"
+  return f"{1 / steps_per_second:.1f} s/step"
 
 
 class ProgressReporter:
@@ -87,7 +88,7 @@ class ProgressReporter:
     rate = self.rate(step)
     eta = (self.total_steps - step) / rate if rate else None
     parts = [f"{self.name} {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)",
-             format_rate(step - self._start_step, self._clock() - self._start_time),
+             format_rate(rate),
              f"ETA {format_duration(eta)}"]
     if metrics:
       parts.append(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -101,7 +102,7 @@ class ProgressReporter:
   def evaluation(self, split: str, done: int, total: int, started: float) -> None:
     """Shows ``"evaluating validation 12/62 batches | 3.1 s"`` (batches completed)."""
     if self.show_progress and (self._clock() - self._last_shown >= self.interval
-                               or done == total):
+                               or (done == total and self._live)):
       self._show(f"{self.name} evaluating {split} {done}/{total} batches | "
                  f"{format_duration(self._clock() - started)}")
 

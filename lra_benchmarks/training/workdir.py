@@ -49,12 +49,11 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
           if key not in FREE_KEYS and a.get(key, missing) != b.get(key, missing)}
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict, *, write: bool = True) -> str:
+def prepare(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Makes ``workdir`` (absolute path returned) and checks it against ``config``.
 
   A workdir holding checkpoints or results of a run whose stored config differs from ``config``
-  in a non-free key raises WorkdirError (unless ``config.resume == "force"``). Then
-  ``config.json`` is (re)written with ``config`` when ``write``.
+  in a non-free key raises WorkdirError (unless ``config.resume == "force"``).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -77,9 +76,12 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, write: bool = Tr
       raise WorkdirError(
           f"{workdir} holds a run with a different config: {listed}. Use a new --workdir, or "
           "pass --config.resume=force to continue that run's checkpoint with this config.")
-  if write:
-    write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   return workdir
+
+
+def store_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes ``config`` to ``workdir/config.json`` (the config the workdir's run now follows)."""
+  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
 def has_run(workdir: str) -> bool:
