@@ -67,7 +67,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_eval_steps = -1     # batches per validation; -1: the whole validation split
   config.patience = 10           # stop after this many evaluations without improvement; 0: never
   config.checkpoint_every = 500
-  config.checkpoint_every_seconds = 600.0  # also checkpoint when this long since the last; 0: off
+  config.checkpoint_every_seconds = 300.0  # also checkpoint when this long since the last; 0: off
   config.keep_checkpoints = 2
   # Model selection: "test" validates on the loader's validation split (as LRA and the study);
   # "heldout" validates on a fixed fraction of train and touches the test split once, at the end.

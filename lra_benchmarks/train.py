@@ -150,6 +150,10 @@ def main(argv):
   except interrupts.Interrupted as e:
     print(e, flush=True)
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("Interrupted before training started (loading data or compiling): nothing to save.",
+          flush=True)
+    sys.exit(130)
   except (lra_data.DataNotFoundError, lra_data.MalformedDataError, workdir_lib.WorkdirError,
           checkpoints.CheckpointError) as e:
     fail(str(e), code=1)

@@ -400,19 +400,21 @@ def _verify(step: int, state: TrainState, meta: dict) -> None:
 
 
 def resume(latest: checkpoints_lib.CheckpointStore, best: checkpoints_lib.CheckpointStore,
-           state: TrainState, config: ml_collections.ConfigDict,
+           init_state: Callable[[], TrainState], config: ml_collections.ConfigDict,
            say: Callable[[str], None]) -> tuple[TrainState, dict]:
-  """The newest readable checkpoint of ``latest`` (else ``state``) and its meta, with
+  """The newest readable checkpoint of ``latest`` (else ``init_state()``) and its meta, with
   ``finished`` recomputed for this config (a larger ``num_train_steps`` continues training; an
   early stop stands unless ``patience`` grew). Best checkpoints past the resume point are
   dropped (this run recomputes those steps)."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  abstract = jax.eval_shape(init_state)  # shapes, dtypes and shardings; nothing computed
   hint = ("This config may not fit the checkpoints (config.resume=force)."
           if config.resume == "force" else
           "Start afresh with a new --workdir (or delete the checkpoints directory).")
   found = latest.restore_latest(abstract, verify=_verify, hint=hint)
   meta = initial_meta()
-  if found is not None:
+  if found is None:
+    state = init_state()
+  else:
     step, state, saved = found
     meta.update(saved)
     say(f"Resumed from {latest.directory}/{step}.")
@@ -516,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
        checkpoints_lib.CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1,
                                        say=say) as best, \
        stop or interrupts.StopRequest(say=say) as stop:
-    state, meta = resume(latest, best, setup.init_state(), config, say)
+    state, meta = resume(latest, best, setup.init_state, config, say)
     if is_main:
       workdir_lib.store_config(workdir, config)
     previous = workdir_lib.load_json(results_path)
@@ -610,7 +612,7 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
         and time.perf_counter() - last_save >= config.checkpoint_every_seconds)):
       save(step)
   reporter.close()
-  if stop.requested and step not in latest.steps():
+  if stop.requested and step > 0 and step not in latest.steps():
     save(step)
   latest.wait()
   best.wait()
@@ -725,7 +727,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
       {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
       config.validation, config.heldout_fraction)
   setup = build(config, task, model_config)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, setup.init_state())
+  abstract = jax.eval_shape(setup.init_state)
   found, errors = None, []
   for directory, step in candidates:
     with checkpoints_lib.CheckpointStore(directory, max_to_keep=1, say=say) as store:

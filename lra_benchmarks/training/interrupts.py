@@ -21,8 +21,10 @@ class Interrupted(Exception):
 
   def __init__(self, signum: int, step: int, directory: str):
     self.signum, self.step, self.directory = signum, step, directory
-    super().__init__(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint saved in "
-                     f"{directory}. Run the same command again to resume.")
+    name = signal.Signals(signum).name
+    super().__init__(
+        f"{name}: stopped at step {step}; checkpoint saved in {directory}. Run the same command "
+        "again to resume." if step else f"{name}: stopped before the first step; nothing saved.")
 
   @property
   def exit_code(self) -> int:
