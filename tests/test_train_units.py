@@ -117,6 +117,14 @@ def test_workdir_of_another_model_is_an_error_naming_the_keys(tmp_path):
   assert "num_train_steps" not in message
 
 
+def test_config_differences_ignore_free_and_new_keys():
+  old = {"model": {"weight": "qmc"}, "num_train_steps": 8}
+  new = {"model": {"weight": "qmc", "added": 1}, "num_train_steps": 16}
+  assert workdir.config_differences(old, new) == {}
+  assert workdir.config_differences(old, {"model": {"weight": "orf"}}) == {
+      "model.weight": ("qmc", "orf")}
+
+
 def test_workdir_allows_budget_changes_and_force(tmp_path):
   path = _used_workdir(tmp_path, _config())
   assert workdir.prepare(path, _config(num_train_steps=99, eval_every=7, data_dir="/x")) == path

@@ -40,13 +40,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
-  """``{key: (old, new)}`` for the non-free keys (dotted) whose values differ; a key present in
-  only one config differs from a missing value (shown as ``"<missing>"``)."""
+  """``{key: (old, new)}`` for the non-free keys (dotted) in both configs whose values differ.
+  A key in only one of them is not compared: it was added or removed since the old run."""
   a, b = flatten(old), flatten(new)
-  missing = "<missing>"
-  return {key: (a.get(key, missing), b.get(key, missing))
-          for key in sorted(set(a) | set(b))
-          if key not in FREE_KEYS and a.get(key, missing) != b.get(key, missing)}
+  return {key: (a[key], b[key]) for key in sorted(set(a) & set(b))
+          if key not in FREE_KEYS and a[key] != b[key]}
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict) -> str:
