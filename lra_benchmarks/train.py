@@ -132,7 +132,7 @@ def main(argv):
     jax.distributed.initialize()
   from lra_benchmarks import data as lra_data
   from lra_benchmarks import train_lib
-  from lra_benchmarks.training import checkpoints, interrupts, progress
+  from lra_benchmarks.training import checkpoints, interrupts
   from lra_benchmarks.training import workdir as workdir_lib
   try:
     task = lra_data.get_task(config.task)
@@ -158,12 +158,19 @@ def main(argv):
           checkpoints.CheckpointError) as e:
     fail(str(e), code=1)
   if results and jax.process_index() == 0:
-    print(f"test accuracy {results['test_accuracy']:.4f} (step {results['tested_step']}, "
-          f"protocol {results['protocol']}), {results['steps']} steps, train time "
+    print(_summary(results, os.path.join(os.path.abspath(workdir), "results.json")))
+
+
+def _summary(results: dict, path: str) -> str:
+  """The closing line: test accuracy, steps, time, rate and memory in human units."""
+  from lra_benchmarks.training import progress
+  return (f"test accuracy {results['test_accuracy']:.4f} (step "
+          f"{results.get('tested_step', results['best_step'])}, protocol "
+          f"{results.get('protocol', 'test')}), {results['steps']} steps, train time "
           f"{progress.format_duration(results['train_wall_time_s'])}, "
-          f"{progress.format_rate(results['steps_per_second'])}, peak memory {progress.format_bytes(results['peak_memory_bytes'])} "
-          f"({results['peak_memory_source']}); results in "
-          f"{os.path.join(os.path.abspath(workdir), 'results.json')}")
+          f"{progress.format_rate(results['steps_per_second'])}, peak memory "
+          f"{progress.format_bytes(results['peak_memory_bytes'])} "
+          f"({results['peak_memory_source']}); results in {path}")
 
 
 if __name__ == "__main__":

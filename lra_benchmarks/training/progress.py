@@ -87,8 +87,8 @@ class ProgressReporter:
     """``"listops 120/200 (60%) | 2.31 steps/s | ETA 35 s | loss 1.2345 accuracy 0.4"``."""
     rate = self.rate(step)
     eta = (self.total_steps - step) / rate if rate else None
-    parts = [f"{self.name} {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)",
-             format_rate(rate),
+    percent = 100 * step / max(self.total_steps, 1)
+    parts = [f"{self.name} {step}/{self.total_steps} ({percent:.0f}%)", format_rate(rate),
              f"ETA {format_duration(eta)}"]
     if metrics:
       parts.append(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
