@@ -315,7 +315,8 @@ def peak_memory(compiled_step) -> tuple[Optional[int], str]:
 class Setup:
   """What a config compiles to: the sharder, a fresh state and the jitted steps.
 
-  ``redraw`` is None unless ``config.model.redraw_every`` > 0 and the model has fixed features.
+  ``redraw`` (a fresh fixed W for the state) is None unless ``config.model.redraw_every`` > 0;
+  the loop calls it only for models that hold fixed random features.
   """
   shard: _Sharder
   init_state: Callable[[], TrainState]
@@ -327,7 +328,8 @@ class Setup:
 def build(config: ml_collections.ConfigDict, task: Any,
           model_config: models.ModelConfig) -> Setup:
   """The model of ``config`` on a one-axis ``data`` mesh over every device, its optimiser,
-  state initialiser (params from ``fold`` of ``PRNGKey(config.seed)``) and jitted steps."""
+  state initialiser (init and step keys split from ``PRNGKey(config.seed)``) and jitted
+  steps (nothing is compiled until first use)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   shard = _Sharder(mesh)
@@ -451,13 +453,16 @@ class _StepClock:
     self._since, self._pending = None, 0
 
   def run(self) -> None:
+    """Starts (or keeps) timing."""
     if self._since is None:
       self._since = time.perf_counter()
 
   def count(self) -> None:
+    """Counts one dispatched step (credited at the next ``pause``)."""
     self._pending += 1
 
   def pause(self, ready: Any) -> None:
+    """Waits for ``ready``, then adds the time and steps since ``run`` to the totals."""
     jax.block_until_ready(ready)
     if self._since is not None:
       self.seconds += time.perf_counter() - self._since
