@@ -542,6 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return {}
       tested_state, tested_step = _restore_best(best, state, step, say)
       test = evaluator(tested_state, "test")
+      reporter.close()
       if test is None:
         raise interrupts.Interrupted(stop.signum, step, latest.directory)
       writer.write(step, "test", test)

@@ -107,13 +107,15 @@ class ProgressReporter:
                  f"{format_duration(self._clock() - started)}")
 
   def message(self, text: str) -> None:
-    """A permanent line (ends the live line first)."""
+    """A permanent line (replaces the live line, which the next refresh redraws below it)."""
     if self.enabled:
-      self._end_line()
+      if self._line_open:
+        self._stream.write("\r\033[K")
+        self._line_open = False
       print(text, file=self._stream, flush=True)
 
   def close(self) -> None:
-    """Ends the live line."""
+    """Ends the live line, leaving it on screen."""
     if self.enabled:
       self._end_line()
 
