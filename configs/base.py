@@ -67,7 +67,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_eval_steps = -1     # batches per validation; -1: the whole validation split
   config.patience = 10           # stop after this many evaluations without improvement; 0: never
   config.checkpoint_every = 500
+  config.checkpoint_every_seconds = 300.0  # also checkpoint when this long since the last; 0: off
   config.keep_checkpoints = 2
+  # Model selection: "test" validates on the loader's validation split (as LRA and the study);
+  # "heldout" validates on a fixed fraction of train and touches the test split once, at the end.
+  config.validation = "test"
+  config.heldout_fraction = 0.1
+  # Reusing a workdir whose config.json differs in what is trained is an error; "force" resumes.
+  config.resume = "auto"
+  # Device memory per process: "" (JAX's default), "auto" (allocate on demand, for several
+  # runs on one device) or a fraction such as "0.3" (set before JAX starts; CLI only).
+  config.memory_fraction = ""
   config.log_every = 100
   config.progress_bar = True
   return config

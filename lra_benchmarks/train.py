@@ -2,12 +2,15 @@ r"""Trains and evaluates an LRA model with any attention.
 
   python -m lra_benchmarks.train --config=configs/listops_posrf_qmc.py \
       [--workdir=DIR] [--config.num_train_steps=200] [--config.data_dir=PATH]
+  python -m lra_benchmarks.train --checkpoint=DIR     # evaluate a saved model (or --eval_only)
 
 The config is locked: overriding a field that does not exist is an error. A run in a ``workdir``
-that holds checkpoints resumes from the latest one. Results go to ``DIR/results.json``.
-For several hosts, pass ``--jax_distributed`` (calls ``jax.distributed.initialize()``).
+that holds checkpoints of the same config resumes from the newest readable one; Ctrl-C or
+SIGTERM saves a checkpoint first. Results go to ``DIR/results.json``. ``--help`` lists the
+config fields. For several hosts, pass ``--jax_distributed``.
 """
 
+import json
 import os
 import sys
 
@@ -21,8 +24,10 @@ if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
 from absl import app
 from absl import flags
 from absl import logging
-import jax
+import ml_collections
 from ml_collections import config_flags
+
+from lra_benchmarks.training import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (e.g. configs/listops_posrf_qmc.py).",
@@ -30,32 +35,143 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (checkpoints, logs, results.json). Default: "
     "workdirs/<config file name>.")
+_EVAL_ONLY = flags.DEFINE_bool(
+    "eval_only", False, "Evaluate the saved model of --workdir (validation and test splits) "
+    "instead of training.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Evaluate this saved model: a workdir, its checkpoints/ or best/ "
+    "directory, or one step's directory. The config is the workdir's config.json unless "
+    "--config is given.")
+_MEMORY = flags.DEFINE_string(
+    "memory_fraction", None, "Device memory for this process: 'auto' (allocate on demand, for "
+    "several runs on one GPU) or a fraction such as 0.3. Default: config.memory_fraction.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
-flags.mark_flag_as_required("config")
+_OWN_FLAGS = ("config", "workdir", "eval_only", "checkpoint", "memory_fraction",
+              "jax_distributed")
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Prints ``error: message`` to stderr and exits with ``code``."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing with a ``--help`` that exits 0 and lists the config fields, and a one- or
+  two-line message (exit 2) for every flag or config mistake."""
+  path = cli.config_path(argv)
+  file_config, source = None, None
+  if path is not None:
+    try:
+      file_config, source = cli.load_config_file(path), path
+    except cli.UsageError as e:
+      if not any(a in cli.HELP_FLAGS for a in argv):
+        fail(str(e))
+  if any(a in cli.HELP_FLAGS for a in argv):
+    if file_config is None:
+      from configs import base
+      file_config, source = base.get_base_config(), "configs/base.py (pass --config for a task's)"
+    print(cli.help_text("lra_benchmarks.train", _OWN_FLAGS, file_config, source))
+    sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+    _ = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except
+    fail(cli.explain_flag_error(e, argv, file_config))
+  if len(rest) > 1:
+    fail(f"unexpected arguments {rest[1:]}: flags take the form --name=value.")
+  return rest
+
+
+def _config_and_workdir() -> tuple[ml_collections.ConfigDict, str]:
+  """The run's config and workdir from the flags (eval-only runs may take the stored config)."""
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  source = _CHECKPOINT.value or workdir
+  if config is None and (_EVAL_ONLY.value or _CHECKPOINT.value) and source:
+    stored = _stored_config(source)
+    if stored is None:
+      fail(f"no config.json in or above {os.path.abspath(source)}: pass --config.")
+    config = ml_collections.ConfigDict(stored)
+  if config is None:
+    fail("--config is required, e.g. --config=configs/listops_posrf_qmc.py (see --help).")
+  if workdir is None:
+    if flags.FLAGS["config"].present:
+      name = os.path.splitext(os.path.basename(
+          flags.FLAGS["config"].config_filename.split(":")[0]))[0]
+    else:
+      name = "eval"
+    workdir = os.path.join("workdirs", name)
+  return config, workdir
+
+
+def _stored_config(path: str):
+  """The ``config.json`` in ``path`` or up to two directories above, or None."""
+  from lra_benchmarks.training import workdir as workdir_lib
+  path = os.path.abspath(path)
+  for _ in range(3):
+    stored = workdir_lib.load_json(os.path.join(path, workdir_lib.CONFIG_FILE))
+    if stored is not None:
+      return stored
+    path = os.path.dirname(path)
+  return None
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config, workdir = _config_and_workdir()
+  try:
+    cli.apply_memory_fraction(_MEMORY.value if _MEMORY.value is not None
+                              else config.get("memory_fraction", ""))
+  except cli.UsageError as e:
+    fail(str(e))
+  import jax  # after the memory settings: the backend reads them when it starts
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
+  from lra_benchmarks import data as lra_data
   from lra_benchmarks import train_lib
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
-  if workdir is None:
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = os.path.join("workdirs", name)
+  from lra_benchmarks.training import checkpoints, interrupts
+  from lra_benchmarks.training import workdir as workdir_lib
+  try:
+    task = lra_data.get_task(config.task)
+    train_lib.validate_config(config, task)
+  except ValueError as e:
+    fail(str(e))
   logging.info("Devices: %s; workdir: %s", jax.devices(), workdir)
-  results = train_lib.train_and_evaluate(config, workdir)
+  try:
+    if _EVAL_ONLY.value or _CHECKPOINT.value:
+      found = train_lib.evaluate_checkpoint(config, _CHECKPOINT.value or workdir)
+      if jax.process_index() == 0:
+        print(json.dumps(found, indent=2))
+      return
+    results = train_lib.train_and_evaluate(config, workdir)
+  except interrupts.Interrupted as e:
+    print(e, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("Interrupted before training started (loading data or compiling): nothing to save.",
+          flush=True)
+    sys.exit(130)
+  except (lra_data.DataNotFoundError, lra_data.MalformedDataError, workdir_lib.WorkdirError,
+          checkpoints.CheckpointError) as e:
+    fail(str(e), code=1)
   if results and jax.process_index() == 0:
-    print(f"test accuracy {results['test_accuracy']:.4f}, train time "
-          f"{results['train_wall_time_s']:.1f} s, {results['steps_per_second'] or 0:.2f} steps/s, "
-          f"peak memory {results['peak_memory_bytes']} bytes ({results['peak_memory_source']}); "
-          f"results in {os.path.join(os.path.abspath(workdir), 'results.json')}")
+    print(_summary(results, os.path.join(os.path.abspath(workdir), "results.json")))
+
+
+def _summary(results: dict, path: str) -> str:
+  """The closing line: test accuracy, steps, time, rate and memory in human units."""
+  from lra_benchmarks.training import progress
+  return (f"test accuracy {results['test_accuracy']:.4f} (step "
+          f"{results.get('tested_step', results['best_step'])}, protocol "
+          f"{results.get('protocol', 'test')}), {results['steps']} steps, train time "
+          f"{progress.format_duration(results['train_wall_time_s'])}, "
+          f"{progress.format_rate(results['steps_per_second'])}, peak memory "
+          f"{progress.format_bytes(results['peak_memory_bytes'])} "
+          f"({results['peak_memory_source']}); results in {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -15,11 +15,13 @@ code runs on one CPU, several GPUs or several hosts (call ``jax.distributed.init
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import flax
@@ -31,6 +33,11 @@ import optax
 import orbax.checkpoint as ocp
 
 from lra_benchmarks import models
+from lra_benchmarks.training import checkpoints as checkpoints_lib
+from lra_benchmarks.training import evaluate as evaluate_lib
+from lra_benchmarks.training import interrupts
+from lra_benchmarks.training import progress as progress_lib
+from lra_benchmarks.training import workdir as workdir_lib
 
 SCHEDULES = ("linear", "rsqrt", "constant")
 _SPLITS = ("train", "validation", "test")
@@ -66,6 +73,14 @@ def validate_config(config: ml_collections.ConfigDict, task: Any) -> models.Mode
     bad("num_eval_steps", "must be a positive integer, or -1 for the whole validation split")
   if config.schedule not in SCHEDULES:
     bad("schedule", f"must be one of {SCHEDULES}")
+  if config.validation not in evaluate_lib.PROTOCOLS:
+    bad("validation", f"must be one of {evaluate_lib.PROTOCOLS}")
+  if not 0 < config.heldout_fraction < 1:
+    bad("heldout_fraction", "must be in (0, 1)")
+  if config.resume not in workdir_lib.RESUME_MODES:
+    bad("resume", f"must be one of {workdir_lib.RESUME_MODES}")
+  if not config.checkpoint_every_seconds >= 0:
+    bad("checkpoint_every_seconds", "must be non-negative (0 disables)")
   if not config.learning_rate > 0:
     bad("learning_rate", "must be positive")
   for field in ("weight_decay", "grad_clip_value", "grad_clip_norm"):
@@ -293,63 +308,28 @@ def peak_memory(compiled_step) -> tuple[Optional[int], str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop.
+# The model and its compiled steps.
 
 
-def _checkpoint_args(state: TrainState, meta: dict):
-  return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a config compiles to: the sharder, a fresh state and the jitted steps.
 
-
-def _restore(manager, step: int, abstract_state) -> tuple[TrainState, dict]:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return restored["state"], dict(restored["meta"])
-
-
-def _say(message: str) -> None:
-  """A message for the user, on process 0 (also logged)."""
-  logging.info(message)
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       datasets: Optional[dict[str, dict]] = None,
-                       stop_at_step: Optional[int] = None) -> dict:
-  """Trains, evaluates and tests; returns (and writes to ``workdir/results.json``) the results.
-
-  Args:
-    config: a config from ``configs/`` (see ``configs/base.py`` for the fields).
-    workdir: output directory; a run in a directory with checkpoints resumes from the latest.
-    datasets: optional ``{"train"|"validation"|"test": arrays}`` in the format of
-      ``Task.load`` instead of loading the task's data (tests, notebooks).
-    stop_at_step: return after checkpointing at this step, without testing, as if the job were
-      preempted there (the next call resumes); None trains to the end.
+  ``redraw`` (a fresh fixed W for the state) is None unless ``config.model.redraw_every`` > 0;
+  the loop calls it only for models that hold fixed random features.
   """
-  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
-  from lra_benchmarks.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  shard: _Sharder
+  init_state: Callable[[], TrainState]
+  train_step: Callable
+  eval_step: Callable
+  redraw: Optional[Callable]
 
-  task = lra_data.get_task(config.task)
-  model_config = validate_config(config, task)
-  check_batch_divides(config.batch_size)
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  check_batch_divides(eval_batch_size, "config.eval_batch_size")
-  is_main = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
-  if datasets is None:
-    datasets = load_datasets(config, task)
-  else:
-    datasets = {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()}
-  process_index, process_count = jax.process_index(), jax.process_count()
-  host_batch = config.batch_size // process_count
-  host_eval_batch = eval_batch_size // process_count
-
-  # Model, optimiser, state.
+def build(config: ml_collections.ConfigDict, task: Any,
+          model_config: models.ModelConfig) -> Setup:
+  """The model of ``config`` on a one-axis ``data`` mesh over every device, its optimiser,
+  state initialiser (init and step keys split from ``PRNGKey(config.seed)``) and jitted
+  steps (nothing is compiled until first use)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   shard = _Sharder(mesh)
@@ -358,8 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   example = models.model_inputs(
       {k: np.zeros((1, config.seq_len), np.int32) for k in ("inputs", "inputs1", "inputs2")},
       dual=task.dual)
-  root_key = jax.random.PRNGKey(config.seed)
-  init_key, step_key = jax.random.split(root_key)
+  init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
   @functools.partial(jax.jit, out_shardings=shard.replicated)
   def init_state():
@@ -368,36 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       random_features=variables.get("random_features", {}), rng=step_key)
 
-  state = init_state()
-  num_params = models.param_count(state.params)
-
-  # Checkpoints: the latest (resume) and the best by validation accuracy (final test).
-  options = dict(create=True, enable_async_checkpointing=True)
-  latest_mngr = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max(config.keep_checkpoints, 1), **options))
-  best_mngr = ocp.CheckpointManager(
-      os.path.join(workdir, "best"), item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
-  abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  meta = {"best_accuracy": -1.0, "best_step": -1, "evals_since_best": 0, "train_time_s": 0.0,
-          "finished": False, "stopped_early": False}
-  latest = latest_mngr.latest_step()
-  if latest is not None:
-    state, meta = _restore(latest_mngr, latest, abstract_state)
-    _say(f"Resumed from {latest_mngr.directory} at step {latest}.")
-  start_step = int(state.step)
-  # A best checkpoint past the resume point was saved by the interrupted run after its last
-  # regular checkpoint; this run recomputes those steps, so it must not outlive them.
-  for stale in [s for s in best_mngr.all_steps() if s > start_step]:
-    best_mngr.delete(stale)
-
   train_step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config),
                                        dual=task.dual),
                        out_shardings=(shard.replicated, shard.replicated), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model, dual=task.dual), out_shardings=shard.replicated)
   redraw = None
-  if config.model.redraw_every and state.random_features:
+  if config.model.redraw_every:
     from spectraformer_jax import layers  # pylint: disable=g-import-not-at-top
 
     def redraw_features(state):
@@ -407,166 +362,403 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           *example, train=False)
       return state.replace(random_features=variables["random_features"])
     redraw = jax.jit(redraw_features, out_shardings=shard.replicated)
+  return Setup(shard, init_state, train_step, eval_step, redraw)
 
-  def evaluate(state: TrainState, split: str, max_batches: int = -1) -> dict:
-    totals = (0.0, 0.0, 0.0)  # (loss, correct, count) sums, kept on device until the end
-    batches = input_pipeline.eval_batches(datasets[split], host_eval_batch,
-                                          process_index=process_index,
-                                          process_count=process_count)
-    for i, batch in enumerate(batches):
-      if 0 <= max_batches <= i:
-        break
-      totals = tuple(t + s for t, s in zip(totals, eval_step(state, shard(batch))))
-    loss, correct, count = jax.device_get(totals)
-    count = max(float(count), 1.0)
-    return {"loss": float(loss) / count, "accuracy": float(correct) / count, "examples": count}
 
-  writer = MetricWriter(workdir, is_main)
-  train_iter: Iterator[dict] = input_pipeline.train_batches(
-      datasets["train"], host_batch, seed=config.seed, start_step=start_step,
-      process_index=process_index, process_count=process_count)
-  first_batch = shard(next(train_iter))
-  compiled = train_step.lower(state, first_batch).compile()  # AOT: also gives memory_analysis
-  end_step = config.num_train_steps if stop_at_step is None else min(stop_at_step,
-                                                                      config.num_train_steps)
-  progress = None
-  if is_main and config.progress_bar and not meta["finished"]:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    progress = tqdm(total=config.num_train_steps, initial=start_step, desc=f"{config.task}",
-                    unit="step", dynamic_ncols=True)
+def make_evaluator(setup: Setup, datasets: dict[str, dict], config: ml_collections.ConfigDict,
+                   reporter: progress_lib.ProgressReporter,
+                   should_stop: Callable[[], bool] = lambda: False) -> evaluate_lib.Evaluator:
+  """An evaluator over this host's share of ``datasets`` (``config.eval_batch_size``)."""
+  from lra_benchmarks.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  index, count = jax.process_index(), jax.process_count()
+  host_batch = (config.eval_batch_size or config.batch_size) // count
+  return evaluate_lib.Evaluator(
+      setup.eval_step,
+      lambda split: input_pipeline.eval_batches(datasets[split], host_batch,
+                                                process_index=index, process_count=count),
+      lambda split: input_pipeline.num_eval_batches(len(datasets[split]["targets"]), host_batch,
+                                                    count),
+      setup.shard, progress=reporter.evaluation if reporter.show_progress else None,
+      should_stop=should_stop)
 
-  step_time = 0.0   # seconds in train steps only (excludes the first, compiling, step)
-  timed_steps = 0
-  run_start = time.perf_counter()
-  segment_start, segment_steps = time.perf_counter(), 0
-  pending = []  # device metrics since the last log
-  step = start_step
-  first_step_of_run = True
 
-  def close_segment():
-    nonlocal step_time, timed_steps, segment_start, segment_steps
-    jax.block_until_ready(state.step)
-    now = time.perf_counter()
-    if segment_steps:
-      step_time += now - segment_start
-      timed_steps += segment_steps
-    segment_start, segment_steps = now, 0
+# --------------------------------------------------------------------------------------------
+# Resuming.
+
+
+def initial_meta() -> dict:
+  """The run's bookkeeping saved with each checkpoint (JSON)."""
+  return {"best_accuracy": -1.0, "best_step": -1, "evals_since_best": 0, "train_time_s": 0.0,
+          "step_seconds": 0.0, "timed_steps": 0, "finished": False, "stopped_early": False}
+
+
+def _verify(step: int, state: TrainState, meta: dict) -> None:
+  """Raises ValueError unless a restored checkpoint is consistent with its step."""
+  if int(state.step) != step:
+    raise ValueError(f"its state is at step {int(state.step)}, not {step}")
+  missing = set(initial_meta()) - set(meta) - {"step_seconds", "timed_steps"}
+  if missing:
+    raise ValueError(f"its meta lacks {sorted(missing)}")
+
+
+def resume(latest: checkpoints_lib.CheckpointStore, best: checkpoints_lib.CheckpointStore,
+           init_state: Callable[[], TrainState], config: ml_collections.ConfigDict,
+           say: Callable[[str], None]) -> tuple[TrainState, dict]:
+  """The newest readable checkpoint of ``latest`` (else ``init_state()``) and its meta, with
+  ``finished`` recomputed for this config (a larger ``num_train_steps`` continues training; an
+  early stop stands unless ``patience`` grew). Best checkpoints past the resume point are
+  dropped (this run recomputes those steps)."""
+  abstract = jax.eval_shape(init_state)  # shapes, dtypes and shardings; nothing computed
+  hint = ("This config may not fit the checkpoints (config.resume=force)."
+          if config.resume == "force" else
+          "Start afresh with a new --workdir (or delete the checkpoints directory).")
+  found = latest.restore_latest(abstract, verify=_verify, hint=hint)
+  meta = initial_meta()
+  if found is None:
+    state = init_state()
+  else:
+    step, state, saved = found
+    meta.update(saved)
+    say(f"Resumed from {latest.directory}/{step}.")
+  step = int(state.step)
+  if step > config.num_train_steps:
+    raise workdir_lib.WorkdirError(
+        f"{os.path.dirname(latest.directory)} holds a checkpoint at step {step}, past "
+        f"config.num_train_steps={config.num_train_steps}: pass --config.num_train_steps={step} "
+        "or more to finish that run, or use a new --workdir.")
+  meta["stopped_early"] = bool(config.patience and meta["evals_since_best"] >= config.patience)
+  meta["finished"] = meta["stopped_early"] or step >= config.num_train_steps
+  best.delete_after(step)
+  return state, meta
+
+
+def _restore_best(best: checkpoints_lib.CheckpointStore, state: TrainState, step: int,
+                  say: Callable[[str], None]) -> tuple[TrainState, int]:
+  """The best checkpoint's state and step; ``(state, step)`` if there is none readable."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    found = best.restore_latest(abstract, verify=_verify)
+  except checkpoints_lib.CheckpointError as e:
+    say(f"{e} Testing the final state (step {step}) instead.")
+    found = None
+  return (found[1], found[0]) if found is not None else (state, step)
+
+
+class _StepClock:
+  """Seconds spent in train steps: runs between ``run()`` and ``pause(x)`` (which first waits
+  for ``x``, so the device work dispatched before is included)."""
+
+  def __init__(self):
+    self.seconds, self.steps = 0.0, 0
+    self._since, self._pending = None, 0
+
+  def run(self) -> None:
+    """Starts (or keeps) timing."""
+    if self._since is None:
+      self._since = time.perf_counter()
+
+  def count(self) -> None:
+    """Counts one dispatched step (credited at the next ``pause``)."""
+    self._pending += 1
+
+  def pause(self, ready: Any) -> None:
+    """Waits for ``ready``, then adds the time and steps since ``run`` to the totals."""
+    jax.block_until_ready(ready)
+    if self._since is not None:
+      self.seconds += time.perf_counter() - self._since
+      self.steps += self._pending
+    self._since, self._pending = None, 0
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _sayer(reporter: progress_lib.ProgressReporter) -> Callable[[str], None]:
+  """A message for the user, printed on process 0 (also logged)."""
+  def say(message: str) -> None:
+    logging.info(message)
+    reporter.message(message)
+  return say
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       datasets: Optional[dict[str, dict]] = None,
+                       stop_at_step: Optional[int] = None,
+                       stop: Optional[interrupts.StopRequest] = None) -> dict:
+  """Trains, evaluates and tests; returns (and writes to ``workdir/results.json``) the results.
+
+  Args:
+    config: a config from ``configs/`` (see ``configs/base.py`` for the fields).
+    workdir: output directory; a run in a directory with checkpoints resumes from the newest
+      readable one (the directory's ``config.json`` must match, see ``training.workdir``).
+    datasets: optional ``{"train"|"validation"|"test": arrays}`` in the format of
+      ``Task.load`` instead of loading the task's data (tests, notebooks).
+    stop_at_step: return ``{}`` after checkpointing at this step, without testing, as if the
+      job were preempted there (the next call resumes); None trains to the end.
+    stop: the stop request polled every step (default: SIGINT/SIGTERM handlers installed for
+      the call). When it is set, the state is checkpointed and ``Interrupted`` raised.
+
+  Raises:
+    WorkdirError, CheckpointError, Interrupted, ValueError (bad config), DataNotFoundError.
+  """
+  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
+  task = lra_data.get_task(config.task)
+  model_config = validate_config(config, task)
+  check_batch_divides(config.batch_size)
+  check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
+  is_main = jax.process_index() == 0
+  workdir = workdir_lib.prepare(workdir, config)
+  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps, enabled=is_main,
+                                           show_progress=config.progress_bar)
+  say = _sayer(reporter)
+  datasets = evaluate_lib.protocol_splits(
+      load_datasets(config, task) if datasets is None else
+      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
+      config.validation, config.heldout_fraction)
+  setup = build(config, task, model_config)
+  results_path = os.path.join(workdir, "results.json")
+  with checkpoints_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.keep_checkpoints, say=say) as latest, \
+       checkpoints_lib.CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1,
+                                       say=say) as best, \
+       stop or interrupts.StopRequest(say=say) as stop:
+    state, meta = resume(latest, best, setup.init_state, config, say)
+    if is_main:
+      workdir_lib.store_config(workdir, config)
+    previous = workdir_lib.load_json(results_path)
+    if meta["finished"] and previous and previous.get("steps") == int(state.step):
+      say(f"Already finished at step {int(state.step)}: results in {results_path}.")
+      return previous
+    evaluator = make_evaluator(setup, datasets, config, reporter, lambda: stop.requested)
+    with contextlib.closing(MetricWriter(workdir, is_main)) as writer:
+      state, compiled = _train(config, setup, state, meta, datasets["train"], stop_at_step,
+                               stores=(latest, best), evaluator=evaluator, writer=writer,
+                               reporter=reporter, stop=stop)
+      step = int(state.step)
+      if stop.requested:
+        raise interrupts.Interrupted(stop.signum, step, latest.directory)
+      if not meta["finished"]:
+        return {}
+      tested_state, tested_step = _restore_best(best, state, step, say)
+      test = evaluator(tested_state, "test")
+      reporter.close()
+      if test is None:
+        raise interrupts.Interrupted(stop.signum, step, latest.directory)
+      writer.write(step, "test", test)
+  results = _results(config, meta, test, step=step, tested_step=tested_step, compiled=compiled,
+                     param_count=models.param_count(state.params))
+  if is_main:
+    workdir_lib.write_json(results_path, results)
+  return results
+
+
+def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, meta: dict,
+           train: dict, stop_at_step: Optional[int], *,
+           stores: tuple[checkpoints_lib.CheckpointStore, checkpoints_lib.CheckpointStore],
+           evaluator: evaluate_lib.Evaluator, writer: MetricWriter,
+           reporter: progress_lib.ProgressReporter,
+           stop: interrupts.StopRequest) -> tuple[TrainState, Any]:
+  """The training loop from ``state.step``: logs, validates (model selection, early stopping),
+  checkpoints every ``checkpoint_every`` steps or ``checkpoint_every_seconds``, at the end and
+  on a stop request. Updates ``meta``; returns the final state and the compiled train step."""
+  from lra_benchmarks.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  latest, best = stores
+  step = int(state.step)
+  batches = input_pipeline.train_batches(
+      train, config.batch_size // jax.process_count(), seed=config.seed, start_step=step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batch = setup.shard(next(batches))
+  compiled = setup.train_step.lower(state, batch).compile()  # AOT: also gives memory_analysis
+  end_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
+  clock, pending, shown = _StepClock(), [], {}
+  run_start = last_save = time.perf_counter()
+  earlier = (meta["train_time_s"], meta["step_seconds"], meta["timed_steps"])
 
   def save(step: int) -> None:
-    meta["train_time_s"] = meta_time_base + (time.perf_counter() - run_start)
-    latest_mngr.save(step, args=_checkpoint_args(state, meta), force=True)
+    nonlocal last_save
+    clock.pause(state)
+    meta.update(train_time_s=earlier[0] + time.perf_counter() - run_start,
+                step_seconds=earlier[1] + clock.seconds, timed_steps=earlier[2] + clock.steps)
+    latest.save(step, state, meta)
+    last_save = time.perf_counter()
 
-  meta_time_base = meta["train_time_s"]
-  while not meta["finished"] and step < end_step:
-    if redraw is not None and step % config.model.redraw_every == 0 and step > 0:
-      state = redraw(state)
-    if first_batch is not None:
-      batch, first_batch = first_batch, None
-    else:
-      batch = shard(next(train_iter))
+  reporter.start(step)
+  while not meta["finished"] and step < end_step and not stop.requested:
+    clock.run()
+    if (setup.redraw is not None and state.random_features
+        and step % config.model.redraw_every == 0 and step > 0):
+      state = setup.redraw(state)
+    batch = batch if batch is not None else setup.shard(next(batches))
     state, metrics = compiled(state, batch)
-    step += 1
+    batch, step = None, step + 1
+    clock.count()
     pending.append(metrics)
-    if first_step_of_run:
-      jax.block_until_ready(state.step)
-      segment_start, first_step_of_run = time.perf_counter(), False
-    else:
-      segment_steps += 1
-    if progress is not None:
-      progress.update(1)
-
     if step % config.log_every == 0 or step == end_step:
-      close_segment()
-      values = jax.device_get(pending)
-      pending = []
+      clock.pause(metrics)
+      values, pending = jax.device_get(pending), []
       summary = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
-      summary["steps_per_second"] = timed_steps / step_time if step_time > 0 else 0.0
+      summary["steps_per_second"] = clock.steps / clock.seconds if clock.seconds else 0.0
       writer.write(step, "train", summary)
-      if progress is not None:
-        progress.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
-      segment_start = time.perf_counter()
-
+      shown = {"loss": summary["loss"], "accuracy": summary["accuracy"]}
+    if reporter.due() or step == end_step:
+      jax.block_until_ready(metrics)  # show only steps the device has finished
+      reporter.train(step, **shown)
     if step % config.eval_every == 0 or step == config.num_train_steps:
-      close_segment()
-      val = evaluate(state, "validation", config.num_eval_steps)
+      clock.pause(metrics)
+      val = evaluator(state, "validation", config.num_eval_steps)
+      if val is None:  # stopped during the evaluation: checkpoint below
+        break
       writer.write(step, "validation", val)
-      if progress is not None:
-        progress.write(f"step {step}: validation loss {val['loss']:.4f} "
+      reporter.message(f"step {step}: validation loss {val['loss']:.4f} "
                        f"accuracy {val['accuracy']:.4f}")
-      if val["accuracy"] > meta["best_accuracy"]:
-        meta.update(best_accuracy=float(val["accuracy"]), best_step=step, evals_since_best=0)
-        best_mngr.save(step, args=_checkpoint_args(state, meta), force=True)
-      else:
-        meta["evals_since_best"] += 1
-        if config.patience and meta["evals_since_best"] >= config.patience:
-          meta.update(stopped_early=True, finished=True)
-          _say(f"Early stop at step {step}: no improvement in {config.patience} evaluations.")
-      if step == config.num_train_steps:
-        meta["finished"] = True
-      segment_start = time.perf_counter()
-
-    if (step % config.checkpoint_every == 0 or meta["finished"] or step == end_step):
-      close_segment()
+      _select(meta, step, val, config, best, state, reporter.message)
+    if (step % config.checkpoint_every == 0 or meta["finished"] or step == end_step or (
+        config.checkpoint_every_seconds
+        and time.perf_counter() - last_save >= config.checkpoint_every_seconds)):
       save(step)
-      segment_start = time.perf_counter()
+  reporter.close()
+  if stop.requested and step > 0 and step not in latest.steps():
+    save(step)
+  latest.wait()
+  best.wait()
+  return state, compiled
 
-  if progress is not None:
-    progress.close()
-  total_train_time = meta_time_base + (time.perf_counter() - run_start) if step > start_step \
-      else meta["train_time_s"]
-  latest_mngr.wait_until_finished()
-  best_mngr.wait_until_finished()
 
-  results: dict[str, Any] = {}
-  if meta["finished"]:
-    test_state = state
-    if best_mngr.latest_step() is not None:
-      test_state, _ = _restore(best_mngr, best_mngr.latest_step(), abstract_state)
-    test = evaluate(test_state, "test")
-    writer.write(step, "test", test)
-    memory, memory_source = peak_memory(compiled)
-    results = {
-        "task": config.task,
-        "attention": config.model.attention,
-        "component": config.model.component if config.model.attention == "spectraformer" else None,
-        "weight": config.model.weight if config.model.attention == "spectraformer" else None,
-        "num_features": (config.model.num_features
-                         if config.model.attention == "spectraformer" else None),
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "test_examples": test["examples"],
-        "best_validation_accuracy": meta["best_accuracy"],
-        "best_step": meta["best_step"],
-        "steps": step,
-        "stopped_early": meta["stopped_early"],
-        # The training loop's wall time over all resumed runs: periodic evaluation and
-        # checkpointing included; data loading and the train step's compilation excluded.
-        "train_wall_time_s": total_train_time,
-        "steps_per_second": timed_steps / step_time if step_time > 0 else None,
-        "steps_per_second_note": "train steps of the last process run, excluding the compiling "
-                                 "first step, evaluation and checkpointing",
-        "peak_memory_bytes": memory,
-        "peak_memory_source": memory_source,
-        "param_count": num_params,
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "config": config.to_dict(),
-    }
-    if is_main:
-      with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
-  writer.close()
-  latest_mngr.close()
-  best_mngr.close()
-  return results
+def _results(config: ml_collections.ConfigDict, meta: dict, test: dict, *, step: int,
+             tested_step: int, compiled: Any, param_count: int) -> dict:
+  """The ``results.json`` record of a finished run."""
+  memory, memory_source = peak_memory(compiled)
+  spectraformer = config.model.attention == "spectraformer"
+  return {
+      "task": config.task,
+      "attention": config.model.attention,
+      "component": config.model.component if spectraformer else None,
+      "weight": config.model.weight if spectraformer else None,
+      "num_features": config.model.num_features if spectraformer else None,
+      "protocol": config.validation,
+      "test_accuracy": test["accuracy"],
+      "test_loss": test["loss"],
+      "test_examples": test["examples"],
+      "validation_accuracy": meta["best_accuracy"],  # at best_step: the selected model
+      "best_validation_accuracy": meta["best_accuracy"],
+      "best_step": meta["best_step"],
+      "tested_step": tested_step,
+      "steps": step,
+      "stopped_early": meta["stopped_early"],
+      # The training loop's wall time over all resumed runs: periodic evaluation and
+      # checkpointing included; data loading and the train step's compilation excluded.
+      "train_wall_time_s": meta["train_time_s"],
+      "steps_per_second": (meta["timed_steps"] / meta["step_seconds"]
+                           if meta["step_seconds"] > 0 else None),
+      "steps_per_second_note": "train steps over all resumed runs (compiled ahead of time), "
+                               "excluding evaluation, logging and checkpointing",
+      "peak_memory_bytes": memory,
+      "peak_memory_source": memory_source,
+      "param_count": param_count,
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "jax_version": jax.__version__,
+      "config": config.to_dict(),
+  }
+
+
+def _select(meta: dict, step: int, val: dict, config: ml_collections.ConfigDict,
+            best: checkpoints_lib.CheckpointStore, state: TrainState,
+            say: Callable[[str], None]) -> None:
+  """Model selection and early stopping after a validation at ``step``: a better accuracy
+  saves ``state`` as the best checkpoint; ``config.patience`` evaluations without one stop."""
+  if val["accuracy"] > meta["best_accuracy"]:
+    meta.update(best_accuracy=float(val["accuracy"]), best_step=step, evals_since_best=0)
+    best.save(step, state, meta)
+  else:
+    meta["evals_since_best"] += 1
+    if config.patience and meta["evals_since_best"] >= config.patience:
+      meta.update(stopped_early=True, finished=True)
+      say(f"Early stop at step {step}: no improvement in {config.patience} evaluations.")
+  if step == config.num_train_steps:
+    meta["finished"] = True
 
 
 def final_params(workdir: str) -> Any:
   """The params of the latest checkpoint in ``workdir``, for inspection and tests."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                             item_names=("state", "meta")) as mngr:
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  return restored["state"]["params"]
+  store = checkpoints_lib.CheckpointStore(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                          max_to_keep=1)
+  try:
+    return store.restore(store.steps()[-1])[0]["params"]
+  finally:
+    store.close()
 
+
+def checkpoint_candidates(path: str) -> list[tuple[str, Optional[int]]]:
+  """Where the model to evaluate lies: ``[(store directory, step or None for the newest)]``.
+
+  ``path`` is a workdir (its ``best`` store, then ``checkpoints``), a store directory (holding
+  ``<step>/`` directories) or one step's directory (``.../<step>`` holding ``state/``).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise checkpoints_lib.CheckpointError(f"--checkpoint={path} is not a directory.")
+  stores = [os.path.join(path, d) for d in ("best", "checkpoints")
+            if os.path.isdir(os.path.join(path, d))]
+  if stores:
+    return [(d, None) for d in stores]
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return [(os.path.dirname(path), int(name))]
+  if any(d.isdigit() for d in os.listdir(path)):
+    return [(path, None)]
+  raise checkpoints_lib.CheckpointError(
+      f"{path} holds no checkpoint: pass a workdir, its checkpoints/ or best/ directory, or "
+      "one step's directory (e.g. WORKDIR/checkpoints/500).")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
+                        datasets: Optional[dict[str, dict]] = None) -> dict:
+  """Validation and test figures of a saved model (whole splits, ``config.validation``
+  protocol): ``{"checkpoint", "step", "protocol", "validation_accuracy", "validation_loss",
+  "test_accuracy", "test_loss", ...}``. ``path`` as ``checkpoint_candidates``; the newest
+  readable checkpoint of the first store that has one is used."""
+  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
+  task = lra_data.get_task(config.task)
+  model_config = validate_config(config, task)
+  check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
+  candidates = checkpoint_candidates(path)
+  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps,
+                                           enabled=jax.process_index() == 0,
+                                           show_progress=config.progress_bar)
+  say = _sayer(reporter)
+  datasets = evaluate_lib.protocol_splits(
+      load_datasets(config, task) if datasets is None else
+      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
+      config.validation, config.heldout_fraction)
+  setup = build(config, task, model_config)
+  abstract = jax.eval_shape(setup.init_state)
+  found, errors = None, []
+  for directory, step in candidates:
+    with checkpoints_lib.CheckpointStore(directory, max_to_keep=1, say=say) as store:
+      try:
+        if step is None:
+          newest = store.restore_latest(abstract, verify=_verify)
+          found = None if newest is None else (directory, *newest)
+        else:
+          found = (directory, step, *store.restore(step, abstract))
+      except checkpoints_lib.CheckpointError as e:
+        errors.append(str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"{directory}/{step}: {checkpoints_lib.short_error(e)}")
+    if found is not None:
+      break
+  if found is None:
+    raise checkpoints_lib.CheckpointError(
+        f"No readable checkpoint for this config under {path}: {' '.join(errors)}")
+  directory, step, state, _ = found
+  evaluator = make_evaluator(setup, datasets, config, reporter)
+  validation, test = evaluator(state, "validation"), evaluator(state, "test")
+  reporter.close()
+  return {"checkpoint": os.path.join(directory, str(step)), "step": step,
+          "protocol": config.validation,
+          "validation_accuracy": validation["accuracy"], "validation_loss": validation["loss"],
+          "validation_examples": validation["examples"], "test_accuracy": test["accuracy"],
+          "test_loss": test["loss"], "test_examples": test["examples"],
+          "task": config.task, "attention": config.model.attention}

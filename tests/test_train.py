@@ -1,10 +1,13 @@
-"""The trainer: loss falls, kill-and-resume, 8 devices == 1 device, CLI, clear errors."""
+"""The trainer: loss falls, kill-and-resume, 8 devices == 1 device, CLI, clear errors,
+larger budgets continue, corrupt checkpoints fall back, stop requests save, protocols."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -12,6 +15,8 @@ import pytest
 
 from configs import base_listops
 from lra_benchmarks import train_lib
+from lra_benchmarks.training import interrupts
+from lra_benchmarks.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +171,121 @@ def test_learning_rate_schedules():
   rsqrt = train_lib.learning_rate_schedule(config)
   assert float(rsqrt(5)) == pytest.approx(1e-3 * 0.5 / np.sqrt(10), rel=1e-5)
   assert float(rsqrt(40)) == pytest.approx(1e-3 / np.sqrt(40), rel=1e-5)
+
+
+def _truncate_data(step_dir):
+  """Cuts every data file of a checkpoint's state (``.../d/<hash>``) to a third."""
+  for folder, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files if os.path.basename(folder) == "d" else ():
+      path = os.path.join(folder, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+
+
+def test_larger_budget_continues_past_a_corrupt_checkpoint_and_results_agree(tmp_path, capsys):
+  """A finished 8-step run rerun with 16 steps trains 8 more (here from step 4: the step-8
+  checkpoint is truncated, which costs one line); results.json says 16 steps and the config
+  that ran. A rerun of the finished run trains nothing; another model is refused."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(num_train_steps=8, eval_every=4, checkpoint_every=4)
+  assert train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)["steps"] == 8
+  _truncate_data(os.path.join(workdir, "checkpoints", "8"))
+  capsys.readouterr()
+  config.num_train_steps = 16
+  results = train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)
+  out = capsys.readouterr().out
+  unreadable = [line for line in out.splitlines() if "unreadable" in line]
+  assert len(unreadable) == 1 and os.path.join(workdir, "checkpoints", "8") in unreadable[0]
+  assert "Resumed from" in out and out.index("unreadable") < out.index("Resumed from")
+  assert results["steps"] == 16 and results["config"]["num_train_steps"] == 16
+  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+    stored = json.load(f)
+  assert stored["steps"] == stored["config"]["num_train_steps"] == 16
+  assert [r["step"] for r in read_metrics(workdir)][-12:] == list(range(5, 17))
+  assert train_lib.train_and_evaluate(config, workdir, datasets=DATASETS) == stored
+  other = tiny_config(num_train_steps=16, **{"model.num_features": 8})
+  with pytest.raises(workdir_lib.WorkdirError, match="model.num_features"):
+    train_lib.train_and_evaluate(other, workdir, datasets=DATASETS)
+
+
+class StopAfter(interrupts.StopRequest):
+  """A stop request that arrives (as SIGTERM) after ``polls`` polls."""
+
+  def __init__(self, polls):
+    super().__init__(say=lambda m: None)
+    self._polls = polls
+
+  @property
+  def requested(self):
+    self._polls -= 1
+    if self._polls < 0 and self.signum is None:
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+
+
+def test_stop_request_saves_a_resumable_checkpoint_heldout_protocol_and_eval_only(tmp_path):
+  """A stop mid-run checkpoints the step it reached and raises Interrupted; the rerun continues
+  from there. Under the heldout protocol validation is 10% of train; --eval_only (here
+  evaluate_checkpoint) of the workdir reproduces the final test."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(num_train_steps=12, eval_every=4, checkpoint_every=100,
+                       checkpoint_every_seconds=0.0, validation="heldout")
+  with pytest.raises(interrupts.Interrupted) as stopped:
+    train_lib.train_and_evaluate(config, workdir, datasets=DATASETS, stop=StopAfter(7))
+  step = stopped.value.step
+  assert 0 < step < 12 and stopped.value.exit_code == 128 + signal.SIGTERM
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  results = train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)
+  assert results["steps"] == 12 and results["protocol"] == "heldout"
+  assert [r["step"] for r in read_metrics(workdir)] == list(range(1, 13))
+  validations = read_metrics(workdir, "validation")
+  assert {r["examples"] for r in validations} == {round(0.1 * 256)}
+  assert results["test_examples"] == 48
+  assert results["validation_accuracy"] == max(r["accuracy"] for r in validations)
+  evaluated = train_lib.evaluate_checkpoint(config, workdir, datasets=DATASETS)
+  assert evaluated["step"] == results["best_step"]
+  assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+def _cli_command(workdir, listops_dir, *extra):
+  cmd = [sys.executable, "-m", "lra_benchmarks.train",
+         f"--config={os.path.join(ROOT, 'configs', 'listops_softmax.py')}",
+         f"--workdir={workdir}", f"--config.data_dir={listops_dir}"]
+  return cmd + [f"--config.{k}={v}" for k, v in TINY.items()] + list(extra)
+
+
+def test_two_processes_share_one_device_and_sigint_saves_a_checkpoint(tmp_path, listops_dir):
+  """Two CLI runs at once on one CPU device: a short one finishes; a long one, sent SIGINT,
+  checkpoints the step it reached, exits with 130 and says how to resume."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+  short, long = str(tmp_path / "short"), str(tmp_path / "long")
+  procs = [subprocess.Popen(_cli_command(short, listops_dir, "--config.num_train_steps=4",
+                                         "--memory_fraction=0.5"),
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True),
+           subprocess.Popen(_cli_command(long, listops_dir, "--config.num_train_steps=100000",
+                                         "--memory_fraction=auto"),
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)]
+  try:
+    out, err = procs[0].communicate(timeout=300)
+    assert procs[0].returncode == 0, err[-3000:]
+    assert os.path.exists(os.path.join(short, "results.json"))
+    metrics = os.path.join(long, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+      assert procs[1].poll() is None and time.monotonic() < deadline, procs[1].stderr.read()
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    out, err = procs[1].communicate(timeout=120)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert procs[1].returncode == 128 + signal.SIGINT, err[-3000:]
+  assert "Run the same command again to resume" in out
+  saved = max(int(s) for s in os.listdir(os.path.join(long, "checkpoints")))
+  assert f"stopped at step {saved}" in out
+  assert saved >= max(r["step"] for r in read_metrics(long))  # nothing logged is lost
+  assert train_lib.final_params(long)  # the checkpoint restores (resuming is tested above)

@@ -1,0 +1,1 @@
+"""The trainer's parts, one job each: checkpoints, workdir, interrupts, progress, evaluation."""
