@@ -35,5 +35,7 @@ setup(
         "bench": ["matplotlib"],
         "test": ["pytest", "pytest-xdist", "matplotlib"],
         "tf": ["tensorflow-cpu"],
+        "tensorboard": ["tensorboard"],
     },
+    license="Apache-2.0",
 )
