@@ -99,7 +99,7 @@ def _imdb_files() -> dict:
   return files
 
 
-def _cifar_files() -> dict:
+def cifar_files() -> dict:
   def batch(seed):
     data = np.random.default_rng(seed).integers(0, 256, (2, 3072), dtype=np.uint8)
     return pickle.dumps({b"data": data, b"labels": [seed % 10, 3]})
@@ -109,7 +109,7 @@ def _cifar_files() -> dict:
 
 
 @pytest.mark.parametrize("task,files,folder", [("text", _imdb_files, "aclImdb"),
-                                               ("image", _cifar_files, "cifar-10-batches-py")])
+                                               ("image", cifar_files, "cifar-10-batches-py")])
 def test_imdb_and_cifar_unpack_for_their_loaders(task, files, folder, tmp_path):
   archive = _targz(tmp_path / "archive.tar.gz", files())
   digest = hashlib.sha256(archive.read_bytes()).hexdigest()
