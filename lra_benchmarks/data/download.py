@@ -44,6 +44,8 @@ import urllib.parse
 import urllib.request
 from typing import BinaryIO, Callable, Sequence
 
+from tqdm.auto import tqdm
+
 _CHUNK = 1 << 20
 DOWNLOADS = "downloads"
 _UNPACKING = ".unpacking"
@@ -144,8 +146,8 @@ def _open_from(url: str, offset: int) -> tuple[BinaryIO, int | None, int]:
   return response, int(length) if length and length.isdigit() else None, 0
 
 
-def _progress(total: int | None, initial: int, desc: str, enabled: bool):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+def _progress(total: int | None, initial: int, desc: str, enabled: bool) -> tqdm:
+  """A byte-count progress bar on stderr (rate and ETA); a silent one if not ``enabled``."""
   return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
               unit_divisor=1024, file=sys.stderr, disable=not enabled)
 
