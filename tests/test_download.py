@@ -129,10 +129,10 @@ def test_imdb_and_cifar_unpack_for_their_loaders(task, files, folder, tmp_path):
 
 def test_resume_appends_to_the_part_file(lra_archive, tmp_path):
   data = lra_archive.read_bytes()
-  path = tmp_path / "lra_release.gz"
-  pathlib.Path(f"{path}.part").write_bytes(data[:len(data) // 2])
-  download.fetch(lra_archive.as_uri(), str(path), progress=False)
-  assert path.read_bytes() == data and not pathlib.Path(f"{path}.part").exists()
+  part = tmp_path / "lra_release.gz.part"
+  part.write_bytes(data[:len(data) // 2])
+  download.fetch(lra_archive.as_uri(), str(part), progress=False)
+  assert part.read_bytes() == data
 
 
 def test_a_wrong_part_file_fails_the_checksum_and_is_deleted(lra_archive, tmp_path):
@@ -149,9 +149,10 @@ def test_a_wrong_part_file_fails_the_checksum_and_is_deleted(lra_archive, tmp_pa
                         f"--sha256={hashlib.sha256(data).hexdigest()}", "--quiet"]) == 0
 
 
-def _server(data: bytes, honour_range: bool):
+def _server(data: bytes, honour_range: bool, cut: int | None = None):
   """A local HTTP server of ``data`` (``Range: bytes=N-`` answered with 206 if
-  ``honour_range``); returns (server, list of Range headers received)."""
+  ``honour_range``; the connection dropped after ``cut`` bytes if given); returns
+  (server, list of Range headers received)."""
   ranges = []
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -166,7 +167,7 @@ def _server(data: bytes, honour_range: bool):
         self.send_response(200)
       self.send_header("Content-Length", str(len(data) - start))
       self.end_headers()
-      self.wfile.write(data[start:])
+      self.wfile.write(data[start:cut])
 
     def log_message(self, *args):
       pass
@@ -181,8 +182,8 @@ def test_http_resume_with_and_without_range_support(lra_archive, tmp_path, honou
   data = lra_archive.read_bytes()
   server, ranges = _server(data, honour_range)
   try:
-    path = tmp_path / "lra_release.gz"
-    pathlib.Path(f"{path}.part").write_bytes(data[:len(data) // 2])
+    path = tmp_path / "lra_release.gz.part"
+    path.write_bytes(data[:len(data) // 2])
     download.fetch(f"http://127.0.0.1:{server.server_port}/lra_release.gz", str(path),
                    progress=False)
   finally:
@@ -205,3 +206,22 @@ def test_bad_task_and_resolution_name_the_valid_choices():
     download.task_folders("cifar")
   with pytest.raises(ValueError, match=r"\(32, 64, 128, 256\)"):
     download.task_folders("pathfinder", (48,))
+
+
+def test_an_interrupted_transfer_keeps_its_bytes_and_the_next_run_finishes(lra_archive, tmp_path):
+  data = lra_archive.read_bytes()
+  part = tmp_path / "lra_release.gz.part"
+  for cut, expected_ranges in ((len(data) // 3, [None]), (None, [f"bytes={len(data) // 3}-"])):
+    server, ranges = _server(data, honour_range=True, cut=cut)
+    url = f"http://127.0.0.1:{server.server_port}/lra_release.gz"
+    try:
+      if cut is None:
+        download.fetch(url, str(part), progress=False)
+      else:
+        with pytest.raises(download.DownloadError, match="rerun to resume"):
+          download.fetch(url, str(part), progress=False)
+    finally:
+      server.shutdown()
+      server.server_close()
+    assert ranges == expected_ranges
+  assert part.read_bytes() == data

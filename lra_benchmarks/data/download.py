@@ -4,18 +4,18 @@ r"""Downloads and unpacks the public LRA sources, so that ``data_dir=DEST`` serv
 
 then train with ``--config.data_dir=DEST``. Layout of ``DEST`` (what each loader looks for):
 
-  =========== ================================================ ==============================
-  task        folder under DEST                                source archive
-  =========== ================================================ ==============================
-  listops     ``listops-1000/basic_{train,val,test}.tsv``      LRA release ``lra_release.gz``
-  retrieval   ``tsv_data/new_aan_pairs.{train,eval,test}.tsv`` LRA release
-  pathfinder  ``pathfinder{R}/curv_*/{metadata,imgs}``         LRA release
-  text        ``aclImdb/{train,test}/{neg,pos}/*.txt``         IMDB ``aclImdb_v1.tar.gz``
-  image       ``cifar-10-batches-py/{data_batch_*,test_batch}`` CIFAR-10 python version
-  =========== ================================================ ==============================
+  ========== ================================================= ==============================
+  task       folder under DEST                                 source archive
+  ========== ================================================= ==============================
+  listops    ``listops-1000/basic_{train,val,test}.tsv``       LRA release ``lra_release.gz``
+  retrieval  ``tsv_data/new_aan_pairs.{train,eval,test}.tsv``  LRA release
+  pathfinder ``pathfinder{R}/curv_*/{metadata,imgs}``          LRA release
+  text       ``aclImdb/{train,test}/{neg,pos}/*.txt``          IMDB ``aclImdb_v1.tar.gz``
+  image      ``cifar-10-batches-py/{data_batch_*,test_batch}`` CIFAR-10 python version
+  ========== ================================================= ==============================
 
 ListOps needs no download (the loader generates it); this fetches LRA's original files.
-The LRA release (about 7.7 GB) unpacks as ``lra_release/listops-1000`` and
+The LRA release (several GB) unpacks as ``lra_release/listops-1000`` and
 ``lra_release/lra_release/{listops-1000,tsv_data,pathfinder*}``; both prefixes are removed.
 IMDB's unlabelled ``train/unsup`` reviews (unused by the loader) are skipped.
 
@@ -24,7 +24,8 @@ seek for ``file://`` URLs); a complete file is checked against the checksum publ
 (IMDB: SHA-256 recorded by TensorFlow Datasets; CIFAR-10: MD5 on the CIFAR-10 page; the LRA
 release has no published checksum, so only its SHA-256 is printed, for ``--sha256`` next
 time) and only then renamed to ``DEST/downloads/<file>``, where later tasks reuse it. A
-mismatch deletes the ``.part`` and raises ``ChecksumError``. Each folder is unpacked to
+mismatch deletes the ``.part`` and raises ``ChecksumError``; a failed transfer keeps it and
+raises ``DownloadError``. Each folder is unpacked to
 ``DEST/.unpacking`` and moved into place when complete, so a folder in ``DEST`` is whole;
 rerunning skips the folders already there.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import http.client
 import os
 import posixpath
 import shutil
@@ -153,32 +155,30 @@ def _progress(total: int | None, initial: int, desc: str, enabled: bool) -> tqdm
 
 
 def fetch(url: str, path: str, *, progress: bool = True) -> str:
-  """Downloads ``url`` to ``path + ".part"``, resuming from the bytes already there, and
-  renames it to ``path`` when the server's byte count is reached. Returns ``path``.
+  """Downloads ``url`` into ``path``, resuming after the bytes already there (use a ``.part``
+  name: the file is complete only when this returns). Returns ``path``.
 
   Raises:
-    DownloadError: the transfer failed (the ``.part`` is kept for the next attempt).
+    DownloadError: the transfer failed or ended early (``path`` is kept for the next attempt).
   """
-  part = path + ".part"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  offset = os.path.getsize(part) if os.path.exists(part) else 0
+  offset = os.path.getsize(path) if os.path.exists(path) else 0
   try:
     stream, total, start = _open_from(url, offset)
-    with stream, open(part, "r+b" if os.path.exists(part) else "wb") as out:
+    with stream, open(path, "r+b" if os.path.exists(path) else "wb") as out:
       out.seek(start)
       out.truncate()
       with _progress(total, start, os.path.basename(path), progress) as bar:
         while chunk := stream.read(_CHUNK):
           out.write(chunk)
           bar.update(len(chunk))
-  except (OSError, urllib.error.URLError) as e:
-    done = os.path.getsize(part) if os.path.exists(part) else 0
+  except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+    done = os.path.getsize(path) if os.path.exists(path) else 0
     raise DownloadError(f"downloading {url} failed after {done} bytes ({e}); rerun to resume "
-                        f"from {part}") from e
-  got = os.path.getsize(part)
+                        f"from {path}") from e
+  got = os.path.getsize(path)
   if total is not None and got != total:
-    raise DownloadError(f"{url}: got {got} of {total} bytes; rerun to resume from {part}")
-  os.replace(part, path)
+    raise DownloadError(f"{url}: got {got} of {total} bytes; rerun to resume from {path}")
   return path
 
 
@@ -306,14 +306,15 @@ def download_task(task: str, dest: str, *, resolutions: Sequence[int] = (32,),
   if not todo:
     return dest
   archive = os.path.join(dest, DOWNLOADS, source.filename)
-  if not os.path.exists(archive):
-    fetch(url or source.url, archive, progress=progress)
+  if not os.path.exists(archive):  # only a verified download gets this name
+    part = fetch(url or source.url, archive + ".part", progress=progress)
     checks = (dict(sha256=sha256) if sha256 else
               dict(sha256=source.sha256, md5=source.md5, size=source.size))
-    digests = verify(archive, **checks)
+    digests = verify(part, **checks)
     if not any(checks.values()):
       print(f"{source.filename}: no published checksum; its sha256 is {digests['sha256']}",
             file=sys.stderr)
+    os.replace(part, archive)
   unpack(archive, dest, source, todo, progress=progress)
   return dest
 
