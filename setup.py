@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# The public repository. The notebooks' "Open in Colab" badges and clone cells and the README's
+# clone command spell it out too; tests/test_notebook.py checks that they agree with this.
+REPOSITORY = "https://github.com/spectraformer-jax/spectraformer-jax"
+
 with open("README.md", encoding="utf-8") as f:
   long_description = f.read()
 
@@ -12,6 +16,7 @@ setup(
     "with the Long Range Arena benchmarks.",
     long_description=long_description,
     long_description_content_type="text/markdown",
+    url=REPOSITORY,
     packages=find_packages(include=["spectraformer_jax", "spectraformer_jax.*",
                                     "lra_benchmarks", "lra_benchmarks.*"]),
     python_requires=">=3.11",
@@ -35,5 +40,7 @@ setup(
         "bench": ["matplotlib"],
         "test": ["pytest", "pytest-xdist", "matplotlib"],
         "tf": ["tensorflow-cpu"],
+        "tensorboard": ["tensorboard"],
     },
+    license="Apache-2.0",
 )
