@@ -12,11 +12,13 @@ from spectraformer_jax import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _NOT_RUNNABLE = {"__init__.py", "base.py"}
+_NOT_STUDY = {"listops_quick.py"}  # laptop-sized ListOps (README Quickstart)
 
 
 def _runnable_files():
   return sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
                 if os.path.basename(p) not in _NOT_RUNNABLE
+                and os.path.basename(p) not in _NOT_STUDY
                 and not os.path.basename(p).startswith("base_"))
 
 

@@ -82,9 +82,9 @@ def missing(task: str, tried: Iterable[str], how: str) -> DataNotFoundError:
 
 
 LRA_RELEASE_HOW = (
-    "download the LRA release archive (lra_release.gz, linked from the README of "
-    "google-research/long-range-arena), unpack it, and pass data_dir= pointing at the "
-    "folder named above (or at its parent).")
+    "run `python -m lra_benchmarks.data.download --task=<task> --dest=DIR` and pass "
+    "data_dir=DIR (or unpack lra_release.gz yourself and point data_dir= at the folder "
+    "named above or its parent).")
 
 
 def byte_encode(texts: Sequence[bytes | str], max_length: int,
