@@ -4,7 +4,9 @@ Layouts
 -------
 * ``linear_attention`` / ``causal_linear_attention`` work on *feature* arrays laid out
   ``[..., len, F]`` (any leading batch/head dims), values ``[..., len, dv]`` and masks
-  ``[..., len]`` broadcastable against the leading dims.
+  ``[..., len]`` broadcastable against the leading dims; ``causal_log_attention`` takes
+  log-features in the same layout and stabilises them prefix by prefix (the RF core's causal
+  path: a stabiliser over all keys would let a future key underflow earlier rows).
 * ``softmax_attention``, ``flash_attention``, ``rf_attention`` and the function returned by
   ``make_attention_fn`` use Flax's layout: ``[batch..., len, heads, head_dim]`` with masks
   ``[batch..., len]`` (True = real token).
@@ -687,7 +689,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     component: a component name (``registry.get_component``) or a ``ComponentSpec``.
     params: learnable component parameters (``spec.init_params``), or None.
     kv_mask: ``bool[batch..., kv_len]``; q_mask: ``bool[batch..., q_len]`` (True = real).
-    is_causal: causal attention (chunked prefix sums; needs q_len == kv_len).
+    is_causal: causal attention (``causal_log_attention``; needs q_len == kv_len);
+      data-dependent statistics take their neutral values (``components`` module doc).
     chunk_size: chunk length of the causal prefix sums.
     eps: relative normaliser floor (see module doc; active only for non-positive components).
     precision: precision of the attention contractions of the materialised path (features use
@@ -696,8 +699,9 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       one: ``spec.log_linear``), use ``fused.positive_rf_attention``: the ``[len, m]`` feature
       maps are recomputed in the backward pass instead of stored, and kept in ``q``'s dtype
       when that is bfloat16/float16 (exponentials and accumulation stay float32).  False, or
-      any other case (TrigRF, causal), materialises float32 features and calls
-      ``linear_attention`` / ``causal_linear_attention``.  Both compute the same function.
+      TrigRF, materialises float32 features and calls ``linear_attention``; causal attention
+      always runs ``causal_log_attention`` on float32 log-features.  Both compute the same
+      function.
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the

@@ -329,3 +329,18 @@ def test_causal_mode_uses_neutral_statistics():
   base = f("posrf")
   for name in ("oprf", "sderf", "aderf", "saderf"):
     np.testing.assert_allclose(f(name), base, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gradients_are_finite_when_the_normaliser_is_tiny_but_the_output_finite():
+  # Features scaled by 1e-22 leave the ratio unchanged; its derivative must not go through
+  # 1 / den^2 (which overflows).
+  pq = jnp.full((1, 4, 8), 0.8)
+  pk = pq * 1e-22
+  v = jnp.arange(12.0).reshape(1, 4, 3)
+  for guard in (False, True):
+    out = A.linear_attention(pq, pk, v, guard=guard)
+    np.testing.assert_allclose(out, jnp.broadcast_to(v.mean(-2, keepdims=True), out.shape),
+                               rtol=1e-5)
+    grads = jax.grad(lambda a, b: A.linear_attention(a, b, v, guard=guard).sum(),
+                     argnums=(0, 1))(pq, pk)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
