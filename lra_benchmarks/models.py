@@ -125,7 +125,8 @@ class EncoderBlock(nn.Module):
     y = layers.RFMultiHeadDotProductAttention(
         num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
         dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
-        name="attention", **attention_kwargs)(y, kv_mask=mask, deterministic=deterministic)
+        name="attention", **attention_kwargs)(y, kv_mask=mask, q_mask=mask,
+                                                   deterministic=deterministic)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = x + y
     y = nn.LayerNorm(dtype=dtype)(x)

@@ -4,7 +4,9 @@ Layouts
 -------
 * ``linear_attention`` / ``causal_linear_attention`` work on *feature* arrays laid out
   ``[..., len, F]`` (any leading batch/head dims), values ``[..., len, dv]`` and masks
-  ``[..., len]`` broadcastable against the leading dims.
+  ``[..., len]`` broadcastable against the leading dims; ``causal_log_attention`` takes
+  log-features in the same layout and stabilises them prefix by prefix (the RF core's causal
+  path: a stabiliser over all keys would let a future key underflow earlier rows).
 * ``softmax_attention``, ``flash_attention``, ``rf_attention`` and the function returned by
   ``make_attention_fn`` use Flax's layout: ``[batch..., len, heads, head_dim]`` with masks
   ``[batch..., len]`` (True = real token).
@@ -23,7 +25,11 @@ The floor is invariant to the positive per-row / per-head stabiliser constants o
 never touches positive features (``|den_i| = mag_i > eps * mag_i``), keeps outputs finite for
 signed features (``|out_i| <= max|v| / eps``), and costs one extra ``[n, F]`` reduction (skipped
 with ``guard=False``, which ``rf_attention`` does for components registered as positive).
-A query whose every key is masked (``mag_i = 0``) gets a zero output.
+A query whose every key is masked (``mag_i = 0``) gets a zero output, and so does a row whose
+normaliser underflows (``|den_i| < UNDERFLOW``), with a zero gradient; elsewhere the division's
+derivative is ``(d num - out d den) / den``, finite wherever the output is.  The stabilisers of
+``components`` (bidirectional) and ``causal_log_attention`` keep ``den_i >= 1`` for positive
+features, so no real row underflows.
 
 Dropout
 -------
@@ -46,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectraformer_jax import components
 from spectraformer_jax import fused as fused_lib
 from spectraformer_jax._dtypes import f32 as _f32
 
@@ -53,6 +60,10 @@ Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_EPS = 1e-6
+# A normaliser below this magnitude counts as underflowed: its row is zero with zero gradient.
+UNDERFLOW = 1e-30
+# Finite stand-in for -inf in the causal log-space stabilisers (exp gives exactly 0, no NaN).
+_NEG = -1e30
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -74,15 +85,37 @@ def _check_mask(mask, expected_len: int, name: str, leading: tuple[int, ...]):
   return mask.astype(bool)
 
 
+@jax.custom_jvp
+def _ratio(num, den):
+  """``num / den[..., None]``, zero (with zero gradient) where ``|den| < UNDERFLOW``.
+
+  The derivative is taken in the scale-invariant form ``d out = (d num - out d den) / den``
+  (one division by ``den``, never ``den^2``), so it is finite wherever the output is; the
+  ``where`` on both sides of the division (double-where) keeps the masked rows' gradients 0.
+  """
+  ok = jnp.abs(den) >= UNDERFLOW
+  safe = jnp.where(ok, den, jnp.ones_like(den))
+  return jnp.where(ok[..., None], num / safe[..., None], jnp.zeros_like(num))
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+  num, den = primals
+  dnum, dden = tangents
+  out = _ratio(num, den)
+  ok = jnp.abs(den) >= UNDERFLOW
+  safe = jnp.where(ok, den, jnp.ones_like(den))
+  dout = (dnum - out * dden[..., None]) / safe[..., None]
+  return out, jnp.where(ok[..., None], dout, jnp.zeros_like(dout))
+
+
 def _guarded_divide(num, den, mag, eps):
   """``num / den[..., None]`` with the sign-preserving relative floor of the module doc."""
   if mag is not None:
     floor = eps * mag
     sign = jnp.where(den >= 0, 1.0, -1.0).astype(den.dtype)
     den = jnp.where(jnp.abs(den) >= floor, den, sign * floor)
-  safe = jnp.where(den == 0, jnp.ones_like(den), den)
-  out = num / safe[..., None]
-  return jnp.where((den == 0)[..., None], jnp.zeros_like(out), out)
+  return _ratio(num, den)
 
 
 def _prepare_linear(phi_q, phi_k, v, mask, q_mask):
@@ -202,7 +235,8 @@ def causal_prefix_product(q, k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, precisi
   """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``q, k [..., n, F]``, ``v [..., n, D]``.
 
   Chunked prefix sums: O(n F D) time, O(chunk F D + chunk^2) extra memory (forward and
-  backward; the backward is a ``custom_vjp`` of three more chunked scans).
+  backward; the backward is a ``custom_vjp`` of three more chunked scans).  The running state
+  and the products are float32 whatever the input dtype; the result has the inputs' dtype.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
@@ -212,7 +246,7 @@ def causal_prefix_product(q, k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, precisi
     raise ValueError(f"causal attention needs equal query and key lengths, got {n}, "
                      f"{k.shape[-2]}, {v.shape[-2]}.")
   dtype = jnp.result_type(q, k, v)
-  q, k, v = (jnp.broadcast_to(t, lead + t.shape[-2:]).astype(dtype) for t in (q, k, v))
+  q, k, v = (jnp.broadcast_to(t, lead + t.shape[-2:]).astype(jnp.float32) for t in (q, k, v))
   c = min(chunk_size, max(n, 1))
   nc = -(-n // c)
   pad = nc * c - n
@@ -226,7 +260,7 @@ def causal_prefix_product(q, k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, precisi
 
   out = _causal_product(prep(q), prep(k), prep(v), precision)
   out = out.reshape((bsz, nc * c, v.shape[-1]))[:, :n]
-  return out.reshape(lead + (n, v.shape[-1]))
+  return out.reshape(lead + (n, v.shape[-1])).astype(dtype)
 
 
 def causal_linear_attention(phi_q, phi_k, v, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
@@ -277,6 +311,146 @@ def causal_linear_attention_reference(phi_q, phi_k, v, mask=None, q_mask=None, *
   out = _guarded_divide(num, den, mag, eps)
   if q_mask is not None:
     out = jnp.where(jnp.asarray(q_mask, bool)[..., None], out, 0)
+  return out
+
+
+def _chunk_shifts(lq, lk, km, m, sq, sk, precision):
+  """Stabilisers of one chunk (module doc of ``causal_log_attention``), all stop_gradient.
+
+  lq, lk ``[B, C, F]`` (``lk`` already ``_NEG`` at masked keys), km ``bool[B, C]``, m ``[B, F]``
+  (running column max of earlier chunks).  Returns ``(a [B, C, 1], b [B, C], g, ok, t)``:
+  ``g = qn kn^T [B, C, C]`` with ``qn = sq exp(lq - a)``, ``kn = sk exp(lk - b)`` (0 at masked
+  keys), ``ok [B, C, C]`` the intra-chunk terms to keep (causal, unmasked; for positive
+  features also ``g > UNDERFLOW``, which keeps ``exp(a + b - t) <= 1 / UNDERFLOW``) and the
+  per-query total shift ``t [B, C]``.
+  """
+  sg = jax.lax.stop_gradient
+  a = sg(jnp.max(lq, -1, keepdims=True))
+  b = sg(jnp.max(lk, -1))
+  qn = jnp.exp(lq - a)
+  kn = jnp.where(km[..., None], jnp.exp(lk - b[..., None]), 0.0)
+  if sq is not None:
+    qn, kn = qn * sq, kn * sk
+  g = jnp.einsum("bif,bjf->bij", qn, kn, precision=precision)
+  c = g.shape[-1]
+  ok = jnp.tril(jnp.ones((c, c), bool)) & km[:, None, :]
+  inter = jnp.max(lq + m[:, None, :], -1)
+  if sq is None:  # positive: the largest intra-chunk term itself, a + b + log g
+    ok = ok & (sg(g) > UNDERFLOW)
+    lg = jnp.where(ok, a + b[:, None, :] + jnp.log(jnp.where(ok, sg(g), 1.0)), _NEG)
+    intra = jnp.max(lg, -1)
+  else:  # signed: the bound a_i + max_{j <= i} b_j of every intra-chunk term
+    intra = a[..., 0] + jax.lax.cummax(b, axis=1)
+  return a, b, g, ok, sg(jnp.maximum(inter, intra))
+
+
+def _causal_log_chunks(lq, lk, km, v, sq, sk, precision):
+  """``out_i exp(-t_i)`` with ``out_i = sum_{j <= i} phi_q_i . phi_k_j v_j`` on chunked inputs.
+
+  lq, lk, sq, sk ``[B, nc, C, F]`` (sq, sk may be None: positive features), km ``bool[B, nc, C]``,
+  v ``[B, nc, C, D]``; float32.  A scan over chunks carries ``S [B, F, D]`` and the running
+  column max ``m [B, F]`` (``_NEG`` before the first unmasked key).  Returns ``[B, nc, C, D]``.
+  """
+  def body(carry, xs):
+    s_state, m = carry
+    lqc, lkc, kmc, vc, sqc, skc = xs
+    lkc = jnp.where(kmc[..., None], lkc, _NEG)
+    a, b, g, ok, t = _chunk_shifts(lqc, lkc, kmc, m, sqc, skc, precision)
+    w = jnp.exp(jnp.where(ok, a + b[:, None, :] - t[..., None], _NEG))
+    seen = (m > 0.5 * _NEG)[:, None, :]  # columns with an unmasked key in earlier chunks
+    qi = jnp.exp(jnp.where(seen, lqc + m[:, None, :] - t[..., None], _NEG))
+    if sqc is not None:
+      qi = qi * sqc
+    out = (jnp.einsum("bij,bjd->bid", w * g, vc, precision=precision)
+           + jnp.einsum("bif,bfd->bid", qi, s_state, precision=precision))
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(lkc, -2)))
+    kf = jnp.where(kmc[..., None], jnp.exp(lkc - m_new[:, None, :]), 0.0)
+    if skc is not None:
+      kf = kf * skc
+    s_state = (jnp.exp(m - m_new)[..., None] * s_state
+               + jnp.einsum("bjf,bjd->bfd", kf, vc, precision=precision))
+    return (s_state, m_new), out
+
+  bsz, f, d = lq.shape[0], lq.shape[-1], v.shape[-1]
+  carry = (jnp.zeros((bsz, f, d), jnp.float32), jnp.full((bsz, f), _NEG, jnp.float32))
+  xs = tuple(None if t is None else jnp.moveaxis(t, 1, 0) for t in (lq, lk, km, v, sq, sk))
+  _, out = jax.lax.scan(body, carry, xs)
+  return jnp.moveaxis(out, 0, 1)
+
+
+def causal_log_attention(lq, lk, v, sq=None, sk=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         mask=None, q_mask=None, *, eps: float = DEFAULT_EPS,
+                         guard: bool = False, precision=None):
+  """Causal linear attention from log-features, stabilised prefix by prefix (``n == l``).
+
+  Features ``phi_q = sq * exp(lq)``, ``phi_k = sk * exp(lk)`` (``sq = sk = None``: positive
+  features ``exp(lq)``, ``exp(lk)``); ``lq [..., n, 1|F]``, ``lk [..., n, 1|F]`` float32
+  log-magnitudes, ``sq, sk [..., n, F]`` bounded signed factors; ``v [..., n, dv]``; masks as
+  in ``causal_linear_attention``.  Returns float32 ``[..., n, dv]``:
+  ``sum_{j <= i} (phi_q_i . phi_k_j) v_j / sum_{j <= i} phi_q_i . phi_k_j`` over unmasked keys.
+
+  Stabilisation (exact; every shift under ``stop_gradient`` and causal: it uses keys
+  ``j <= i`` only).  A scan over chunks of ``C`` positions carries, per feature column ``r``,
+  ``S_r = sum_j exp(lk_jr - m_r) sk_jr [v_j, 1]`` over earlier chunks with the running column
+  max ``m_r = max_j lk_jr`` (rescaled by ``exp(m_old - m_new)`` when it grows, as flash
+  attention does).  Within a chunk, per query ``a_i = max_r lq_ir`` and per key
+  ``b_j = max_r lk_jr``, ``Qn = sq exp(lq - a)``, ``Kn = sk exp(lk - b)``, ``G = Qn Kn^T``
+  (``[C, C]``).  One total shift ``T_i`` per query scales both parts:
+
+      out_i exp(-T_i) = sum_r exp(lq_ir + m_r - T_i) sq_ir S_r
+                        + sum_{j <= i, same chunk} exp(a_i + b_j - T_i) G_ij [v_j, 1],
+
+  ``T_i = max(max_r (lq_ir + m_r), L_i)`` with, for positive features, ``L_i`` the largest
+  intra-chunk log-term ``max_{j <= i} (a_i + b_j + log G_ij)``, so the largest term of the row
+  is exactly 1 and ``den_i >= 1``; for signed features ``L_i = a_i + max_{j <= i} b_j``, a bound
+  of every intra-chunk term.  All of it is ``[C, F]`` or ``[C, C]`` per chunk, float32.
+  Gradients by automatic differentiation of the scan (per-chunk states are saved).
+  """
+  lq, lk, v = _f32(lq), _f32(lk), _f32(v)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  if (sq is None) != (sk is None):
+    raise ValueError("sq and sk must both be given (signed features) or both be None.")
+  n = lq.shape[-2]
+  if lk.shape[-2] != n or v.shape[-2] != n:
+    raise ValueError(f"causal attention needs equal query and key lengths, got {n}, "
+                     f"{lk.shape[-2]}, {v.shape[-2]}.")
+  f = max(lq.shape[-1], lk.shape[-1], 1 if sq is None else sq.shape[-1])
+  lead = jnp.broadcast_shapes(lq.shape[:-2], lk.shape[:-2], v.shape[:-2],
+                              *(() if sq is None else (sq.shape[:-2], sk.shape[:-2])))
+  mask = _check_mask(mask, n, "mask (key mask)", lead)
+  q_mask = _check_mask(q_mask, n, "q_mask", lead)
+  km = jnp.ones((n,), bool) if mask is None else mask
+  c = min(chunk_size, max(n, 1))
+  nc = -(-n // c)
+  pad = nc * c - n
+  bsz = math.prod(lead)
+
+  def prep(t, tail, fill=0.0):
+    t = jnp.broadcast_to(t, lead + (n,) + tail).reshape((bsz, n) + tail)
+    if pad:
+      t = jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * len(tail), constant_values=fill)
+    return t.reshape((bsz, nc, c) + tail)
+
+  lqc, lkc, kmc = prep(lq, (f,)), prep(lk, (f,)), prep(km, (), False)
+  sqc = skc = None
+  if sq is not None:
+    sqc, skc = prep(_f32(sq), (f,)), prep(_f32(sk), (f,))
+  vz = jnp.where(km[..., None], v, 0.0)
+  vc = prep(fused_lib.with_ones(vz), (v.shape[-1] + 1,))
+  both = _causal_log_chunks(lqc, lkc, kmc, vc, sqc, skc, precision)
+  both = both.reshape((bsz, nc * c, -1))[:, :n].reshape(lead + (n, -1))
+  num, den = both[..., :-1], both[..., -1]
+  mag = None
+  if guard:
+    if sq is None:
+      raise ValueError("guard=True needs signed features (sq, sk); positive ones need none.")
+    ones = prep(jnp.ones(v.shape[:-1] + (1,), jnp.float32), (1,))
+    mag = _causal_log_chunks(lqc, lkc, kmc, ones, jnp.abs(sqc), jnp.abs(skc), precision)
+    mag = mag.reshape((bsz, nc * c))[:, :n].reshape(lead + (n,))
+  out = _guarded_divide(num, den, mag, eps)
+  if q_mask is not None:
+    out = jnp.where(q_mask[..., None], out, 0.0)
   return out
 
 
@@ -459,6 +633,20 @@ def _feature_dtype(dtype):
   return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
 
 
+def _log_features(spec, x, y, W, x_mask, y_mask, params):
+  """Causal-mode log-features ``(lq, lk, sq, sk)`` of a component (``sq = sk = None`` for
+  positive ones, from ``spec.log_linear``; signed ones from ``spec.log_features``)."""
+  kw = dict(x_mask=x_mask, y_mask=y_mask, params=params, causal=True)
+  if spec.log_linear is not None:
+    form = spec.log_linear(x, y, W, **kw)
+    return (components.log_linear_logits(form.xq, W, form.col, form.row_q),
+            components.log_linear_logits(form.xk, W, form.col, form.row_k), None, None)
+  if spec.log_features is None:
+    raise ValueError(f"Component {spec.name!r} defines neither log_linear nor log_features; "
+                     "causal attention needs one of them.")
+  return tuple(spec.log_features(x, y, W, **kw))
+
+
 def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
                        is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
                        eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
@@ -478,12 +666,13 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
     form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params)
     return fused_lib.positive_rf_attention(form, W, v, ym, xm,
                                            feature_dtype=_feature_dtype(jnp.dtype(q.dtype)))
-  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
-  phi_q, phi_k = _f32(phi_q), _f32(phi_k)
   guard = not spec.positive
   if is_causal:
-    return causal_linear_attention(phi_q, phi_k, _f32(v), chunk_size, mask=ym, q_mask=xm,
-                                   eps=eps, guard=guard, precision=precision)
+    lq, lk, sq, sk = _log_features(spec, x, y, W, xm, ym, params)
+    return causal_log_attention(lq, lk, _f32(v), sq, sk, chunk_size, mask=ym, q_mask=xm,
+                                eps=eps, guard=guard, precision=precision)
+  phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
+  phi_q, phi_k = _f32(phi_q), _f32(phi_k)
   return linear_attention(phi_q, phi_k, _f32(v), ym, xm, eps=eps, guard=guard,
                           precision=precision)
 
@@ -500,7 +689,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     component: a component name (``registry.get_component``) or a ``ComponentSpec``.
     params: learnable component parameters (``spec.init_params``), or None.
     kv_mask: ``bool[batch..., kv_len]``; q_mask: ``bool[batch..., q_len]`` (True = real).
-    is_causal: causal attention (chunked prefix sums; needs q_len == kv_len).
+    is_causal: causal attention (``causal_log_attention``; needs q_len == kv_len);
+      data-dependent statistics take their neutral values (``components`` module doc).
     chunk_size: chunk length of the causal prefix sums.
     eps: relative normaliser floor (see module doc; active only for non-positive components).
     precision: precision of the attention contractions of the materialised path (features use
@@ -509,8 +699,9 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       one: ``spec.log_linear``), use ``fused.positive_rf_attention``: the ``[len, m]`` feature
       maps are recomputed in the backward pass instead of stored, and kept in ``q``'s dtype
       when that is bfloat16/float16 (exponentials and accumulation stay float32).  False, or
-      any other case (TrigRF, causal), materialises float32 features and calls
-      ``linear_attention`` / ``causal_linear_attention``.  Both compute the same function.
+      TrigRF, materialises float32 features and calls ``linear_attention``; causal attention
+      always runs ``causal_log_attention`` on float32 log-features.  Both compute the same
+      function.
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the

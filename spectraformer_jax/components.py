@@ -12,15 +12,33 @@ Two layers of API:
 * per-side functions ``*_phi(x, W, ...)`` / ``*_logits(x, W, ...)``: pure features of one side
   (no stabiliser, no mask), used by tests and for exposition;
 * pair functions ``*_features(x, y, W, *, x_mask=None, y_mask=None, params=None,
-  stabilize=True) -> (phi_x, phi_y)`` with the registry contract (``registry.py``): they
-  compute the data-dependent parameters (``stats.py``) from both sides, return float32 even for
-  bfloat16 inputs, zero the rows of ``phi_y`` at masked keys, and (``stabilize=True``) subtract
-  before ``exp`` a stabiliser that is per query row on the query side and ONE constant per
-  leading index (batch, head) over all unmasked keys on the key side, both under
-  ``stop_gradient``; the estimate is then scaled by ``c_row(i) * c_head``, which cancels in
-  attention normalisation.  Masked queries are not zeroed (attention masks its outputs); they
-  are excluded from the statistics.  No epsilon is added to the features (that would bias the
-  estimator); a denominator guard belongs to attention.
+  stabilize=True, causal=False) -> (phi_x, phi_y)`` with the registry contract
+  (``registry.py``): they compute the data-dependent parameters (``stats.py``) from the
+  unmasked positions of both sides, return float32 even for bfloat16 inputs and zero the rows
+  of ``phi_y`` at masked keys.  ``causal=True`` replaces every data-dependent statistic by its
+  data-independent neutral value (OPRF/SADERF ``A = 0``, ``Psi = I``; SDERF ``Q = I``,
+  ``a = 0``; ADERF ``Psi = I``, ``a = 0``), so these components reduce to PosRF-equivalent
+  estimators and no statistic can see a future token; the cost is the variance reduction of
+  the optimised parameters.
+* ``*_log_linear`` (positive components, ``LogLinear``) and ``trigrf_log_features``
+  (``SignedLogFeatures``): the log-features themselves, which causal attention stabilises
+  prefix by prefix (``attention.causal_log_attention``).
+
+Stabilisation (``stabilize=True``, bidirectional) of the positive components, exact and under
+``stop_gradient``: with log-features ``lq[i, r]`` and ``lk[j, r]``, a per-feature-column key
+shift ``c_r = max over unmasked keys j of lk[j, r]`` is subtracted on the key side and folded
+into the query side, which then subtracts its row maximum ``M_i = max_r (lq[i, r] + c_r)``:
+
+    phi_x[i, r] = exp(lq[i, r] + c_r - M_i),     phi_y[j, r] = exp(lk[j, r] - c_r).
+
+``c_r`` cancels in every product and the estimate is scaled by ``exp(-M_i)`` per query row,
+which cancels in attention normalisation.  No row can underflow: the column ``r*`` achieving
+``M_i`` has ``phi_x[i, r*] = 1`` and ``sum_j phi_y[j, r*] >= 1``, so ``phi_x[i] . sum_j
+phi_y[j] >= 1``.  TrigRF (signed, amplitude ``exp(|y_j|^2/2)`` per key row) keeps one key
+constant per leading index (batch, head) over unmasked keys and drops the query amplitude (a
+per-row constant).  Masked queries are not zeroed (attention masks its outputs); they are
+excluded from the statistics.  No epsilon is added to the features (that would bias the
+estimator); a denominator guard belongs to attention.
 
 Dense-exponential (DE) family, used by PosRF, GERF(s=+1), OPRF, SDERF, ADERF, SADERF:
 for omega ~ N(0, I), ``E[exp(2 omega^T A omega + omega^T u)] = det(I - 4A)^(-1/2)
@@ -90,25 +108,41 @@ def head_max(logits, mask):
   return jax.lax.stop_gradient(c)
 
 
-def _key_exp(ly, mask, stabilize):
-  """``exp`` of key log-features with the head stabiliser; masked rows are exactly zero.
+def col_max(logits, mask):
+  """Per-feature-column key stabiliser ``c_r = max_j logits[..., j, r]`` over unmasked rows
+  ``j`` (stop_gradient), ``[..., 1, m]``; 0 in a leading index with no unmasked key."""
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  c = jnp.max(logits, axis=-2, keepdims=True)
+  c = jnp.where(jnp.isfinite(c), c, 0.0)
+  return jax.lax.stop_gradient(c)
 
-  Masked rows are replaced by 0 *before* ``exp`` as well: the head stabiliser ignores them, so
-  their shifted log-features can exceed ~88 and overflow, and ``where(mask, exp(ly), 0)`` alone
-  would then give NaN gradients (``0 * inf``) although the forward value is fine.
-  """
-  if stabilize:
-    ly = ly - head_max(ly, mask)
+
+def _masked_exp(ly, mask):
+  """``exp(ly)`` with masked rows exactly zero, replaced by 0 *before* ``exp`` as well: the
+  stabilisers ignore masked rows, so their shifted log-features can exceed ~88 and overflow,
+  and ``where(mask, exp(ly), 0)`` alone would then give NaN gradients (``0 * inf``)."""
   if mask is None:
     return jnp.exp(ly)
   return jnp.where(mask, jnp.exp(jnp.where(mask, ly, 0.0)), 0.0)
 
 
-def _exp_pair(lx, ly, y_mask_b, stabilize):
-  """Positive features from log-features of both sides with the contract's stabilisers."""
+def _key_exp(ly, mask, stabilize):
+  """``exp`` of signed components' key log-amplitudes with the head stabiliser."""
   if stabilize:
+    ly = ly - head_max(ly, mask)
+  return _masked_exp(ly, mask)
+
+
+def _exp_pair(lx, ly, y_mask_b, stabilize):
+  """Positive features from log-features of both sides with the column/row stabilisers of the
+  module docstring: ``exp(lx + c - M)`` and ``exp(ly - c)``."""
+  if stabilize:
+    c = col_max(ly, y_mask_b)
+    lx = lx + c
     lx = lx - row_max(lx)
-  return jnp.exp(lx), _key_exp(ly, y_mask_b, stabilize)
+    ly = ly - c
+  return jnp.exp(lx), _masked_exp(ly, y_mask_b)
 
 
 def _check(x, y, w):
@@ -135,13 +169,15 @@ def trigrf_phi(x, w):
   return amp * jnp.concatenate([jnp.cos(p), jnp.sin(p)], axis=-1)
 
 
-def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                    causal=False):
   """Pair TrigRF features (registry contract), float32 ``[..., n, 2m]`` and ``[..., l, 2m]``.
 
   Stabilised: the query amplitude ``exp(|x|^2/2)`` (a per-row constant) is dropped, the key
-  amplitude becomes ``exp(|y|^2/2 - max_j |y_j|^2/2)`` (one constant per head).
+  amplitude becomes ``exp(|y|^2/2 - max_j |y_j|^2/2)`` (one constant per head, exact).  TrigRF
+  has no statistics, so ``causal`` changes nothing here.
   """
-  del params, x_mask
+  del params, x_mask, causal
   _check(x, y, w)
   m = w.shape[0]
   px, py = _project(x, w), _project(y, w)
@@ -155,6 +191,30 @@ def trigrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize
   if yb is not None:
     phi_y = jnp.where(yb, phi_y, 0.0)
   return phi_x, phi_y
+
+
+class SignedLogFeatures(NamedTuple):
+  """Features as ``phi_q = sq * exp(lq)`` and ``phi_k = sk * exp(lk)``: float32 log-magnitudes
+  ``lq [..., n, 1|F]``, ``lk [..., l, 1|F]`` (broadcast along the features) and bounded signed
+  factors ``sq [..., n, F]``, ``sk [..., l, F]`` (``|s| <= 1``)."""
+  lq: jax.Array
+  lk: jax.Array
+  sq: jax.Array
+  sk: jax.Array
+
+
+def trigrf_log_features(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                        causal=False) -> SignedLogFeatures:
+  """TrigRF as ``SignedLogFeatures``: ``lq = 0`` (the query amplitude is a per-row constant,
+  dropped), ``lk = |y|^2/2``, ``sq = [cos Wx, sin Wx]/sqrt(m)``, ``sk = [cos Wy, sin Wy]/sqrt(m)``
+  (unstabilised, unmasked: causal attention shifts and masks them)."""
+  del params, x_mask, y_mask, causal
+  _check(x, y, w)
+  scale = 1.0 / math.sqrt(w.shape[0])
+  px, py = _project(x, w), _project(y, w)
+  return SignedLogFeatures(jnp.zeros(x.shape[:-1] + (1,), jnp.float32), 0.5 * _sq_norm(y),
+                           scale * jnp.concatenate([jnp.cos(px), jnp.sin(px)], -1),
+                           scale * jnp.concatenate([jnp.cos(py), jnp.sin(py)], -1))
 
 
 # ----------------------------------------------------------------------------- DE core
@@ -221,11 +281,11 @@ def _de_pair(x, y, w, a=None) -> LogLinear:
   return LogLinear(xq, xk, col, row_q, row_k)
 
 
-def _positive_features(log_linear, x, y, w, x_mask, y_mask, params, stabilize):
+def _positive_features(log_linear, x, y, w, x_mask, y_mask, params, stabilize, causal):
   """Pair features (registry contract) of a component given by its ``*_log_linear``: ``exp``
   of the log-linear logits of both sides with the contract's stabilisers and key mask."""
   _check(x, y, w)
-  form = log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params)
+  form = log_linear(x, y, w, x_mask=x_mask, y_mask=y_mask, params=params, causal=causal)
   return _exp_pair(log_linear_logits(form.xq, w, form.col, form.row_q),
                    log_linear_logits(form.xk, w, form.col, form.row_k),
                    _key_mask(y, y_mask), stabilize)
@@ -251,15 +311,18 @@ def posrf_phi(x, w):
   return jnp.exp(de_logits(x, w))
 
 
-def posrf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+def posrf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                     causal=False) -> LogLinear:
   """PosRF's log-features ``W x - |x|^2/2 - log(m)/2`` of both sides as a LogLinear."""
-  del params, x_mask, y_mask
+  del params, x_mask, y_mask, causal
   return _de_pair(x, y, w)
 
 
-def posrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def posrf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                   causal=False):
   """Pair PosRF features (registry contract), float32 ``[..., n, m]`` / ``[..., l, m]``."""
-  return _positive_features(posrf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+  return _positive_features(posrf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
 
 
 # ----------------------------------------------------------------------------- GERF
@@ -314,20 +377,23 @@ def _gerf_trig_parts(x, w, a):
   return logamp, b * _project(x, w)
 
 
-def gerf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
+def gerf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                    causal=False) -> LogLinear:
   """GERF's (s = +1) log-features of both sides as a LogLinear; A from ``params``."""
-  del x_mask, y_mask
+  del x_mask, y_mask, causal  # A is a parameter, not a statistic
   return _de_pair(x, y, w, _scalar_a(gerf_a(params), x))
 
 
-def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True, s=1):
+def gerf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                  causal=False, s=1):
   """Pair GERF features (registry contract); A from ``params`` (learnable, default A = 0).
 
   ``s = +1``: positive features ``[..., m]`` (registered as ``gerf``); ``s = -1``: real
   ``[Re, Im]`` blocks ``[..., 2m]`` (see ``gerf_phi``).  Unbiased for ``exp(x . y)``.
   """
   if s == 1:
-    return _positive_features(gerf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+    return _positive_features(gerf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
   del x_mask
   _check(x, y, w)
   if s != -1:
@@ -362,52 +428,80 @@ def oprf_phi(x, w, a):
   return jnp.exp(de_logits(x, w, _scalar_a(a, x)))
 
 
-def oprf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
-  """OPRF's log-features of both sides as a LogLinear, ``A* = stats.oprf_a(x, y, masks)``."""
+def oprf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                    causal=False) -> LogLinear:
+  """OPRF's log-features of both sides as a LogLinear, ``A* = stats.oprf_a(x, y, masks)``
+  (``A = 0``, i.e. PosRF, when ``causal``)."""
   del params
+  if causal:
+    return _de_pair(x, y, w)
   return _de_pair(x, y, w, _scalar_a(stats.oprf_a(x, y, x_mask, y_mask), x))
 
 
-def oprf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def oprf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                  causal=False):
   """Pair OPRF features (registry contract): ``A* = stats.oprf_a(x, y, masks)`` per head."""
-  return _positive_features(oprf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+  return _positive_features(oprf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
 
 
 # ----------------------------------------------------------------------------- DERF family
 
 
-def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def sderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                   causal=False):
   """Symmetric dense-exponential RF (SDERF; Likhosherstov et al., 2023), pair features.
 
   ``f(omega, x) = D exp(omega^T A omega + omega^T B x - |x|^2/2) / sqrt(m)`` on both sides
-  with ``A = diag(a)``, ``B = diag(sqrt(1 - 4a)) Q^T``, ``D = det(I - 4A)^(1/4)``, where
-  ``Q, a = stats.sderf_params(x, y)``: ``Q`` the eigenvectors of
-  ``Phi = mean_(i,j) (x_i + y_j)(x_i + y_j)^T`` and ``a_k`` the one-dimensional OPRF optimum
-  for eigenvalue ``phi_k``.  (This ``B`` is ``Q``-rotated from the paper's symmetric
-  ``Q diag(b) Q^T``: the same estimator with ``omega -> Q^T omega``, which has the same
-  N(0, I) law.)  ``B^T (I-4A)^-1 B = I`` so ``E[f(x) f(y)] = exp(x . y)``: positive, unbiased.
+  with the symmetric ``A = Q diag(a) Q^T``, ``B = Q diag(sqrt(1 - 4a)) Q^T``,
+  ``D = det(I - 4A)^(1/4)``, where ``Q, a = stats.sderf_params(x, y)``: ``Q`` the eigenvectors
+  of ``Phi = mean_(i,j) (x_i + y_j)(x_i + y_j)^T`` and ``a_k`` the one-dimensional OPRF
+  optimum for eigenvalue ``phi_k``.  ``A`` and ``B`` are continuous functions of ``Phi`` (they
+  do not depend on how ``eigh`` orders or signs eigenvectors), so the output is continuous in
+  the input.  ``B^T (I-4A)^-1 B = I`` so ``E[f(x) f(y)] = exp(x . y)``: positive, unbiased.
+  ``causal``: ``Q = I``, ``a = 0`` (PosRF).
   """
-  return _positive_features(sderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+  return _positive_features(sderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
 
 
-def _rotate(x, q):
-  """``x[..., n, d] @ Q[..., d, d]`` in float32 (SDERF's eigenbasis coordinates)."""
-  return jnp.einsum("...nd,...dk->...nk", _f32(x), q, precision=jax.lax.Precision.HIGHEST)
+def _sym(q, diag):
+  """``Q diag(diag) Q^T``: float32 ``[..., d, d]`` from ``Q [..., d, d]``, ``diag [..., d]``."""
+  return jnp.einsum("...ik,...k,...jk->...ij", q, diag, q, precision=jax.lax.Precision.HIGHEST)
 
 
-def sderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
-  """SDERF's log-features of both sides (rotated by ``Q``, diagonal ``a``) as a LogLinear."""
+def _sderf_sides(x, y, w, q, a):
+  """SDERF's ``(x B, y B, col, row_x, row_y)`` in log-linear form: ``B = Q diag(b) Q^T``,
+  ``col_r = w_r^T Q diag(a) Q^T w_r + sum_k log(1 - 4a_k)/4 - log(m)/2``, ``row = -|x|^2/2``."""
+  hi = jax.lax.Precision.HIGHEST
+  x, y, w = _f32(x), _f32(y), _f32(w)
+  b = _sym(q, jnp.sqrt(1.0 - 4.0 * a))
+  quad = jnp.einsum("md,...de,me->...m", w, _sym(q, a), w, precision=hi)
+  col = quad + (0.25 * jnp.sum(jnp.log1p(-4.0 * a), -1) - 0.5 * math.log(w.shape[0]))[..., None]
+  rot = lambda t: jnp.einsum("...nd,...de->...ne", t, b, precision=hi)
+  return rot(x), rot(y), col, -0.5 * jnp.sum(x * x, -1), -0.5 * jnp.sum(y * y, -1)
+
+
+def sderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                     causal=False) -> LogLinear:
+  """SDERF's log-features of both sides (symmetric ``A``, ``B``) as a LogLinear."""
   del params
+  if causal:
+    return _de_pair(x, y, w)
   q, a = stats.sderf_params(x, y, x_mask, y_mask)
-  return _de_pair(_rotate(x, q), _rotate(y, q), w, a)
+  xq, xk, col, row_q, row_k = _sderf_sides(x, y, w, q, a)
+  lead = jnp.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+  return LogLinear(xq, xk, jnp.broadcast_to(col, lead + col.shape[-1:]), row_q, row_k)
 
 
 def sderf_phi(x, w, q, a):
   """SDERF of one side given ``(q, a) = stats.sderf_params(...)`` (see ``sderf_features``)."""
-  return jnp.exp(de_logits(_rotate(x, q), w, a))
+  xs, _, col, row, _ = _sderf_sides(x, x, w, q, a)
+  return jnp.exp(log_linear_logits(xs, w, col, row))
 
 
-def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                   causal=False):
   """Asymmetric dense-exponential RF, diagonal variant (ADERF), pair features.
 
   ``f1(omega, x) = D exp(sum_k a_k omega_k^2 + sum_k b_k psi_k omega_k x_k - |Psi x|^2/2)``,
@@ -418,12 +512,17 @@ def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``exp(x . y)``.  The paper's ADERF allows full matrices ``B1, B2``; this is its diagonal
   special case (as design.md specifies), of which SADERF is the scalar-A special case.
   """
-  return _positive_features(aderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+  return _positive_features(aderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
 
 
-def aderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
-  """ADERF's log-features of both sides (``Psi x``, ``Psi^-1 y``, diagonal ``a``)."""
+def aderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                     causal=False) -> LogLinear:
+  """ADERF's log-features of both sides (``Psi x``, ``Psi^-1 y``, diagonal ``a``); PosRF
+  (``Psi = I``, ``a = 0``) when ``causal``."""
   del params
+  if causal:
+    return _de_pair(x, y, w)
   psi, a = stats.aderf_params(x, y, x_mask, y_mask)
   return _de_pair(_f32(x) * psi[..., None, :], _f32(y) / psi[..., None, :], w, a)
 
@@ -441,18 +540,24 @@ def aderf_phi(x, w, psi, a, side="query"):
   return jnp.exp(de_logits(_f32(x) * scale[..., None, :], w, a))
 
 
-def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def saderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                   causal=False):
   """Simplified ADERF (SADERF), pair features: ``x -> Psi x``, ``y -> Psi^-1 y`` then OPRF.
 
   ``psi = stats.saderf_psi(x, y)``, ``psi_k = (mean_j y_jk^2 / mean_i x_ik^2)^(1/4)``
   (keeps every ``x . y``), then OPRF's features with ``A* = stats.oprf_a(Psi x, Psi^-1 y)``.
   Positive; unbiased for ``exp(x . y)`` given the statistics.
   """
-  return _positive_features(saderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+  return _positive_features(saderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
+                            causal)
 
 
-def saderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> LogLinear:
-  """SADERF's log-features: OPRF's of ``Psi x`` and ``Psi^-1 y`` as a LogLinear."""
+def saderf_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                      causal=False) -> LogLinear:
+  """SADERF's log-features: OPRF's of ``Psi x`` and ``Psi^-1 y`` as a LogLinear; PosRF
+  (``Psi = I``, ``A = 0``) when ``causal``."""
+  if causal:
+    return _de_pair(x, y, w)
   psi = stats.saderf_psi(x, y, x_mask, y_mask)
   return oprf_log_linear(_f32(x) * psi[..., None, :], _f32(y) / psi[..., None, :], w,
                          x_mask=x_mask, y_mask=y_mask, params=params)

@@ -16,9 +16,22 @@ layer still materialises that layer's maps and their cotangents while it runs, s
 one layer's backward instead of the saved maps of every layer (about equal for the study's
 2-layer models, lower for deeper ones; ``block_elements`` bounds it further).
 
-Numerics: logits and ``exp`` in float32 with max-subtraction (one constant per query row,
-which cancels in the ratio, so ``row_q`` is never needed; one constant per head over all
-unmasked keys); the feature maps, and in the backward pass the logits' cotangents, are then
+Stabilisation (exact; all shifts are constants under ``stop_gradient``), per leading index:
+with ``lq[i, r] = xq_i . w_r + col_r`` (``row_q`` dropped: a per-row constant cancels) and
+``lk[j, r] = xk_j . w_r + col_r + row_k_j``,
+
+    c_r    = max over unmasked keys j of lk[j, r]            (per feature column; 0 if none)
+    phi_k  = exp(lk[j, r] - c_r)          at unmasked keys, exactly 0 at masked ones
+    M_i    = max_r (lq[i, r] + c_r)
+    phi_q  = exp(lq[i, r] + c_r - M_i)
+
+so ``phi_q[i] . phi_k[j] = exp(-M_i) sum_r exp(lq[i, r] + lk[j, r])``: ``c_r`` cancels
+exactly and ``exp(-M_i)`` cancels in the ratio.  Every exponent is ``<= 0`` and
+``den_i = phi_q[i] . z >= 1`` whenever the query has an unmasked key: the column ``r*``
+achieving ``M_i`` has ``phi_q[i, r*] = 1`` and ``z_{r*} >= exp(0) = 1`` (its maximising key), so
+no row can underflow, whatever the norms; ``1/den`` is only taken where ``den > 0``.
+
+Numerics: logits and ``exp`` in float32; the feature maps, and in the backward pass the logits' cotangents, are then
 stored in ``feature_dtype`` (bfloat16 halves their traffic) and contracted with float32
 accumulation.  With bfloat16 storage the projections use three bfloat16 passes instead of full
 float32 (H200, Text b32 n4096 core fwd+bwd: 1.63 -> 1.04 ms, same error against a float32
@@ -28,7 +41,8 @@ Gradients (``g = dL/dout``, ``e`` indexes ``[v, 1]``): ``dnd_i = [g_i, -g_i . ou
 ``d phi_q = dnd [S, z]^T``, ``d[S, z] = phi_q^T dnd``, ``d phi_k = [v, 1] d[S, z]^T``,
 ``d[v, 1] = phi_k d[S, z]``; through ``exp``: ``d logits = d phi * phi``; then
 ``d xq = d logits_q W``, ``dW = d logits_q^T xq + d logits_k^T xk``, ``d col`` and ``d row_k``
-are the sums of ``d logits`` over rows and columns.  The stabilisers are constants of the
+are the sums of ``d logits`` over rows and columns, taken in float32 before the cotangents are
+rounded to ``feature_dtype`` (they cancel almost exactly, which bfloat16 rounding would spoil).  The stabilisers are constants of the
 function (it does not depend on them), so treating them as such is exact.
 """
 
@@ -41,7 +55,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from spectraformer_jax.components import LogLinear, head_max, row_max
+from spectraformer_jax.components import LogLinear, col_max, row_max
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,7 +84,7 @@ def _key_logits(xk, w, col, row_k, mask, dtype):
 
 def _key_features(lk, mask, c, dtype):
   """``exp(logits - c)`` at unmasked keys, exactly 0 at masked ones, stored as ``dtype``;
-  ``c [..., 1, 1]`` is ``components.head_max`` of the key logits."""
+  ``c [..., 1, m]`` is ``components.col_max`` of the key logits (one shift per column)."""
   return jnp.where(mask[..., None], jnp.exp(lk - c), 0.0).astype(dtype)
 
 
@@ -80,19 +94,22 @@ def _contract(spec, a, b, dtype):
                     preferred_element_type=jnp.float32)
 
 
-def _with_ones(v):
+def with_ones(v):
+  """``[v, 1]``: values with a column of ones (numerator and normaliser in one pass)."""
   return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
 
 
 def _forward(w, dtype, xq, xk, col, row_k, v, mask):
-  """One leading index: ``out [n, dv]`` and the residuals ``(c, [S, z], out, 1/den)``."""
+  """One leading index: ``out [n, dv]`` and the residuals ``(c [1, m], [S, z], out, 1/den)``."""
   lk = _key_logits(xk, w, col, row_k, mask, dtype)
-  c = head_max(lk, mask[..., None])
+  c = col_max(lk, mask[..., None])
   phi_k = _key_features(lk, mask, c, dtype)
-  sz = _contract("...lm,...le->...me", phi_k, _with_ones(v), dtype)          # [m, dv+1]
-  nd = _contract("...nm,...me->...ne", _query_features(xq, w, col, dtype), sz, dtype)
+  sz = _contract("...lm,...le->...me", phi_k, with_ones(v), dtype)          # [m, dv+1]
+  nd = _contract("...nm,...me->...ne", _query_features(xq, w, col + c[..., 0, :], dtype), sz,
+                 dtype)
   den = nd[..., -1]
-  inv = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)   # no key: output 0
+  ok = den > 0   # den >= 1 (module doc) unless the query has no unmasked key: output 0
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
   out = nd[..., :-1] * inv[..., None]
   return out, c, sz, inv
 
@@ -104,18 +121,21 @@ def _backward(w, dtype, xq, xk, col, row_k, v, mask, c, sz, out, inv, g):
   f32 = jnp.float32
   g = g.astype(f32)
   dnd = jnp.concatenate([g, -jnp.sum(g * out, -1, keepdims=True)], -1) * inv[..., None]
-  phi_q = _query_features(xq, w, col, dtype)
-  dlq = (_contract("...ne,...me->...nm", dnd, sz, dtype) * phi_q.astype(f32)).astype(dtype)
+  phi_q = _query_features(xq, w, col + c[..., 0, :], dtype)
+  dlq32 = _contract("...ne,...me->...nm", dnd, sz, dtype) * phi_q.astype(f32)
   dsz = _contract("...nm,...ne->...me", phi_q, dnd, dtype)
   phi_k = _key_features(_key_logits(xk, w, col, row_k, mask, dtype), mask, c, dtype)
-  dlk = (_contract("...le,...me->...lm", _with_ones(v), dsz, dtype)
-         * phi_k.astype(f32)).astype(dtype)
+  dlk32 = _contract("...le,...me->...lm", with_ones(v), dsz, dtype) * phi_k.astype(f32)
+  # The sums over rows/columns cancel almost exactly (the ratio is invariant to per-row and
+  # per-head shifts), so they are taken before rounding the cotangents to ``dtype``.
+  dcol = jnp.sum(dlq32, axis=-2) + jnp.sum(dlk32, axis=-2)
+  drow = jnp.sum(dlk32, axis=-1)
+  dlq, dlk = dlq32.astype(dtype), dlk32.astype(dtype)
   dv = _contract("...lm,...me->...le", phi_k, dsz, dtype)[..., :-1]
   dxq = _contract("...nm,md->...nd", dlq, w, dtype)
   dxk = _contract("...lm,md->...ld", dlk, w, dtype)
   dw = _contract("...nm,...nd->md", dlq, xq, dtype) + _contract("...lm,...ld->md", dlk, xk, dtype)
-  dcol = jnp.sum(dlq, axis=-2, dtype=f32) + jnp.sum(dlk, axis=-2, dtype=f32)
-  return dxq, dxk, dw, dcol, jnp.sum(dlk, axis=-1, dtype=f32), dv.astype(v.dtype)
+  return dxq, dxk, dw, dcol, drow, dv.astype(v.dtype)
 
 
 def _blockwise(fn, w, dtype, block, *arrays):

@@ -12,6 +12,8 @@ heads of a layer), ``weight_kwargs``, ``redraw`` ("never" | "always"), ``is_caus
 ``fused`` (default True: positive components recompute their feature maps in the backward pass
 instead of storing them, see ``attention.rf_attention``),
 and call arguments ``kv_mask [batch..., kv_len]`` / ``q_mask [batch..., q_len]`` (linear memory).
+In self-attention ``q_mask`` defaults to ``kv_mask``, so statistics see real tokens only and
+outputs at padded positions are zeros.
 Flax's dense ``mask`` is accepted too: used as is by the softmax modes, reduced to key/query
 masks (``attention.reduce_dense_mask``, separable padding mask assumed) by the RF mode.
 
@@ -177,6 +179,16 @@ def _default_kv(inputs_q, inputs_k, inputs_v):
   return inputs_k, inputs_k if inputs_v is None else inputs_v
 
 
+def _self_attention_q_mask(q_mask, kv_mask, self_attention: bool):
+  """``q_mask``, defaulting to ``kv_mask`` in self-attention (a padded key is a padded query).
+
+  Data-dependent statistics (OPRF's A, the DERF matrices) are computed over the unmasked
+  queries; without this a caller passing only ``kv_mask`` would let padded queries into them.
+  Outputs at padded queries become zeros; outputs at real ones are unchanged.
+  """
+  return kv_mask if q_mask is None and self_attention else q_mask
+
+
 def _draw(spec, key, num_features, dim, weight_kwargs):
   return spec.init(key, num_features, dim, **dict(weight_kwargs or {}))
 
@@ -273,6 +285,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
     ``q_mask [batch..., q_len]`` (bool, True = real token).  ``sow_weights`` is accepted and
     ignored (there is no attention matrix)."""
     del sow_weights
+    self_attention = inputs_kv is None and (inputs_k is None or inputs_k is inputs_q)
     if inputs_kv is not None:
       if inputs_k is not None or inputs_v is not None:
         raise ValueError("If inputs_kv is given, inputs_k and inputs_v must be None.")
@@ -289,7 +302,8 @@ class RFMultiHeadDotProductAttention(nn.Module):
     head_dim = qkv_features // self.num_heads
     batch = tuple(inputs_q.shape[:-2])
     kv_mask = _check_flax_mask("kv_mask", kv_mask, inputs_k.shape[:-1])
-    q_mask = _check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1])
+    q_mask = _self_attention_q_mask(_check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1]),
+                                    kv_mask, self_attention)
     mask = _check_dense_mask(mask, batch, inputs_q.shape[-2], inputs_k.shape[-2])
     if self.is_causal and inputs_q.shape[-2] != inputs_k.shape[-2]:
       raise ValueError(f"is_causal needs q_len == kv_len, got {inputs_q.shape[-2]} and "
@@ -538,6 +552,7 @@ class RFMultiHeadAttention(nnx.Module):
       drop_stream = rngs.dropout
     else:
       drop_stream = rngs if rngs is not None else self.rngs
+    self_attention = inputs_k is None or inputs_k is inputs_q
     inputs_k, inputs_v = _default_kv(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
@@ -545,7 +560,8 @@ class RFMultiHeadAttention(nnx.Module):
     causal = self.is_causal if is_causal is None else bool(is_causal)
     batch = tuple(inputs_q.shape[:-2])
     kv_mask = _check_flax_mask("kv_mask", kv_mask, inputs_k.shape[:-1])
-    q_mask = _check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1])
+    q_mask = _self_attention_q_mask(_check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1]),
+                                    kv_mask, self_attention)
     mask = _check_dense_mask(mask, batch, inputs_q.shape[-2], inputs_k.shape[-2])
     if causal and inputs_q.shape[-2] != inputs_k.shape[-2]:
       raise ValueError(f"is_causal needs q_len == kv_len, got {inputs_q.shape[-2]} and "

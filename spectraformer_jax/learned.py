@@ -92,7 +92,8 @@ def gmm_init(key, num_features: int, dim: int, num_components: int = 4):
   if not isinstance(num_components, (int, np.integer)) or num_components < 1:
     raise ValueError(f"gmm: num_components must be a positive int, got {num_components!r}.")
   c = min(int(num_components), m)
-  eps = jax.random.normal(key, (m, d), jnp.float32)
+  (k,) = weights.purpose_keys(key, "gmm/eps")
+  eps = jax.random.normal(k, (m, d), jnp.float32)
   params = {"mu": jnp.zeros((c, d), jnp.float32), "log_sigma": jnp.zeros((c, d), jnp.float32)}
   buffers = {"eps": eps, "component": jnp.arange(m, dtype=jnp.int32) % c}
   return params, buffers

@@ -14,7 +14,8 @@ Contracts (everything downstream relies on these and nothing else):
     ``params``.
 
 ``ComponentSpec``
-  * ``features(x, y, W, *, x_mask=None, y_mask=None, params=None, stabilize=True)
+  * ``features(x, y, W, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+    causal=False)
     -> (phi_x, phi_y)``: ``x`` float[..., n, d] (queries, already scaled by
     ``d**-0.25``), ``y`` float[..., l, d] (keys, scaled likewise), ``W``
     float32[m, d]; masks are bool[..., n] / bool[..., l] (True = real token).
@@ -22,14 +23,20 @@ Contracts (everything downstream relies on these and nothing else):
     ``F = feature_dim(m)``; rows of ``phi_y`` at masked keys are zero. With
     ``stabilize=False``, ``phi_x @ phi_y.T`` estimates ``exp(x . y)`` (unbiased
     where ``unbiased``); with ``stabilize=True`` the estimate is scaled by a
-    positive constant per query row times one constant per leading index (head),
-    which cancels in the attention normalisation.
+    positive constant per query row (and, for signed components, one constant per
+    leading index), which cancels in the attention normalisation.
   * ``feature_dim(m) -> F``; ``init_params(key, dim) -> params`` for learnable
     component parameters, or ``None`` when the component has none.
   * ``log_linear(x, y, W, *, x_mask=None, y_mask=None, params=None) -> components.LogLinear``
     for positive components whose log-features are ``x' . w_r + col_r + row_i``
     (``features`` is then ``exp`` of those); ``None`` otherwise.  Attention uses it for the
     fused path (``fused.positive_rf_attention``), which never stores the feature maps.
+  * ``log_features(x, y, W, *, x_mask=None, y_mask=None, params=None, causal=False)
+    -> components.SignedLogFeatures`` for signed components (TrigRF): causal attention
+    stabilises log-features prefix by prefix; positive components derive theirs from
+    ``log_linear``.
+  * ``causal=True`` (``features``, ``log_linear``, ``log_features``): statistics are replaced
+    by data-independent neutral values, so nothing computed can see a future token.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class ComponentSpec:
   unbiased: bool
   description: str
   log_linear: Optional[Callable[..., components.LogLinear]] = None
+  log_features: Optional[Callable[..., components.SignedLogFeatures]] = None
 
 
 def _fixed(name: str, generator: Callable[..., Any], description: str) -> WeightSpec:
@@ -107,7 +115,8 @@ def _double(m: int) -> int:
 COMPONENTS: dict[str, ComponentSpec] = {
     "trigrf": ComponentSpec(
         "trigrf", components.trigrf_features, _double, None, positive=False, unbiased=True,
-        description="exp(|x|^2/2)/sqrt(m) [cos Wx, sin Wx] (2m features); unbiased, not positive."),
+        description="exp(|x|^2/2)/sqrt(m) [cos Wx, sin Wx] (2m features); unbiased, not positive.",
+        log_features=components.trigrf_log_features),
     "posrf": ComponentSpec(
         "posrf", components.posrf_features, _same, None, positive=True, unbiased=True,
         description="FAVOR+: exp(Wx - |x|^2/2)/sqrt(m); positive, unbiased.",

@@ -159,8 +159,9 @@ def sderf_params(x, y, x_mask=None, y_mask=None):
   """SDERF: ``(Q[..., d, d], a[..., d])`` per leading index, under stop_gradient.
 
   ``Phi = Q diag(phi_k) Q^T`` (eigh); per eigen-direction ``a_k = (1 - 1/rho_k)/8`` with
-  ``rho_k = optimal_rho(phi_k, 1)``.  The features use ``x' = x Q`` (coordinates in the
-  eigenbasis).
+  ``rho_k = optimal_rho(phi_k, 1)``.  The features use the symmetric matrices
+  ``Q diag(.) Q^T`` built from these (continuous in ``Phi`` whatever the order or signs of
+  the eigenvectors).
   """
   phi = pair_outer_mean(x, y, x_mask, y_mask)
   evals, q = jnp.linalg.eigh(phi)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +58,21 @@ import numpy as np
 __all__ = [
     "iid", "orf", "sorf", "scrf", "rom", "simrf", "qmc", "mm", "sgq", "fastfood",
     "fwht", "hadamard", "next_pow2", "haar_orthogonal", "chi_norms", "sparse_grid_gauss_hermite",
-    "sgq_weights", "fastfood_draw", "fastfood_matrix",
+    "sgq_weights", "fastfood_draw", "fastfood_matrix", "purpose_keys",
 ]
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def purpose_keys(key, *purposes: str):
+  """One independent sub-key per named purpose: ``fold_in(key, crc32(purpose))``.
+
+  Every random draw of every generator uses its own purpose string (``"orf/norms"``,
+  ``"qmc/shift"``, ...), so no two purposes, within a generator or across generators, consume
+  the same random bits for the same key.  Returns a tuple of keys (one per purpose).
+  """
+  return tuple(jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF) for p in purposes)
 
 
 def _check_shape(num_features, dim):
@@ -151,7 +162,8 @@ def iid(key, num_features: int, dim: int) -> jnp.ndarray:
   Unbiased: yes (the Monte-Carlo baseline). Host-side work: none. Cost O(m d).
   """
   m, d = _check_shape(num_features, dim)
-  return jax.random.normal(key, (m, d), jnp.float32)
+  (k,) = purpose_keys(key, "iid/rows")
+  return jax.random.normal(k, (m, d), jnp.float32)
 
 
 def orf(key, num_features: int, dim: int, norm: str = "chi") -> jnp.ndarray:
@@ -170,7 +182,7 @@ def orf(key, num_features: int, dim: int, norm: str = "chi") -> jnp.ndarray:
   if norm not in ("chi", "fixed"):
     raise ValueError(f"orf: norm must be 'chi' or 'fixed', got {norm!r}.")
   nb = _blocks(m, d)
-  kq, kn = jax.random.split(key)
+  kq, kn = purpose_keys(key, "orf/rotations", "orf/norms")
   q = haar_orthogonal(kq, nb, d).reshape(nb * d, d)[:m]
   if norm == "chi":
     scale = chi_norms(kn, (m,), d)
@@ -215,7 +227,7 @@ def sorf(key, num_features: int, dim: int, norm: str = "chi") -> jnp.ndarray:
     raise ValueError(f"sorf: norm must be 'native' or 'chi', got {norm!r}.")
   p = next_pow2(d)
   nb = _blocks(m, p)
-  kd, kn = jax.random.split(key)
+  kd, kn = purpose_keys(key, "sorf/signs", "sorf/norms")
   diags = _rademacher(kd, (3, nb, p))
   w = (math.sqrt(p) * _hd_product_rows(diags)).reshape(nb * p, p)[:m, :d]
   if norm == "chi":
@@ -234,7 +246,7 @@ def scrf(key, num_features: int, dim: int) -> jnp.ndarray:
   """
   m, d = _check_shape(num_features, dim)
   nb = _blocks(m, d)
-  kg, ks = jax.random.split(key)
+  kg, ks = purpose_keys(key, "scrf/gaussian", "scrf/signs")
   g = jax.random.normal(kg, (nb, d), jnp.float32)
   idx = (jnp.arange(d)[None, :] - jnp.arange(d)[:, None]) % d  # row i = roll(g, i)
   circ = g[:, idx]  # [nb, d, d]
@@ -268,7 +280,7 @@ def rom(key, num_features: int, dim: int, norm: str = "chi") -> jnp.ndarray:
     raise ValueError(f"rom: norm must be 'native' or 'chi', got {norm!r}.")
   p = next_pow2(d)
   nb = _blocks(m, 2 * p)
-  kd, kt, kn = jax.random.split(key, 3)
+  kd, kt, kn = purpose_keys(key, "rom/signs", "rom/phases", "rom/norms")
   signs = _rademacher(kd, (2, nb, p))
   theta = jax.random.uniform(kt, (nb, 1, p), jnp.float32, 0.0, 2.0 * math.pi)
   h = fwht(jnp.broadcast_to(jnp.eye(p, dtype=jnp.float32), (nb, p, p)))  # rows of H
@@ -306,7 +318,7 @@ def simrf(key, num_features: int, dim: int) -> jnp.ndarray:
   """
   m, d = _check_shape(num_features, dim)
   nb = _blocks(m, d)
-  kr, kn = jax.random.split(key)
+  kr, kn = purpose_keys(key, "simrf/rotations", "simrf/norms")
   rot = haar_orthogonal(kr, nb, d)  # [nb, d, d]
   s = jnp.asarray(_simplex_np(d))  # [d, d], rows = directions
   dirs = jnp.einsum("ij,bkj->bik", s, rot).reshape(nb * d, d)[:m]  # rows R s_i
@@ -396,7 +408,7 @@ def qmc(key, num_features: int, dim: int, sequence: str = "sobol",
     if scramble not in ("lms", "shift"):
       raise ValueError(f"qmc: scramble must be 'lms' or 'shift', got {scramble!r}.")
     pts = jnp.asarray(_sobol_uint32(m, d))  # [m, d] uint32
-    k_lms, k_shift, k_jit = jax.random.split(key, 3)
+    k_lms, k_shift, k_jit = purpose_keys(key, "qmc/lms", "qmc/shift", "qmc/jitter")
     if scramble == "lms":
       # Row i of L (digit i, i=0 most significant, bit position 31-i) has ones on the diagonal and
       # random bits for more significant digits j < i.
@@ -415,7 +427,8 @@ def qmc(key, num_features: int, dim: int, sequence: str = "sobol",
     return _bits_to_normal(r, jitter)
   if sequence == "halton":
     h = jnp.asarray(_halton_np(m, d).astype(np.float32))
-    u = jnp.mod(h + jax.random.uniform(key, (1, d), jnp.float32), 1.0)
+    (k_shift,) = purpose_keys(key, "qmc/halton-shift")
+    u = jnp.mod(h + jax.random.uniform(k_shift, (1, d), jnp.float32), 1.0)
     u = jnp.clip(u, 2.0**-60, 1.0 - 2.0**-24)
     return jax.scipy.special.ndtri(u)
   raise ValueError(f"qmc: sequence must be 'sobol' or 'halton', got {sequence!r}.")
@@ -436,7 +449,8 @@ def mm(key, num_features: int, dim: int) -> jnp.ndarray:
   estimate is consistent, bias O(1/m)). Host-side work: none. Cost O(m d^2 + d^3) (eigh).
   """
   m, d = _check_shape(num_features, dim)
-  g = jax.random.normal(key, (m, d), jnp.float32)
+  (k,) = purpose_keys(key, "mm/sample")
+  g = jax.random.normal(k, (m, d), jnp.float32)
   if m == 1:
     return g
   c = g - jnp.mean(g, axis=0, keepdims=True)
@@ -578,7 +592,7 @@ def sgq(key, num_features: int, dim: int, level: int | None = None) -> jnp.ndarr
   nodes, _, _ = _sgq_plan(m, d, level)
   n = nodes.shape[0]
   nb = _blocks(m, n)
-  rot = haar_orthogonal(key, nb, d)  # [nb, d, d]
+  rot = haar_orthogonal(purpose_keys(key, "sgq/rotations")[0], nb, d)  # [nb, d, d]
   x = jnp.asarray(nodes)
   return jnp.einsum("nj,bkj->bnk", x, rot).reshape(nb * n, d)[:m]
 
@@ -598,7 +612,8 @@ def fastfood_draw(key, num_features: int, dim: int):
   m, d = _check_shape(num_features, dim)
   p = next_pow2(d)
   nb = _blocks(m, p)
-  kb, kp, kg, ks = jax.random.split(key, 4)
+  kb, kp, kg, ks = purpose_keys(key, "fastfood/b", "fastfood/perm", "fastfood/g",
+                                "fastfood/s")
   b = _rademacher(kb, (nb, d))
   perm = jax.vmap(lambda k: jax.random.permutation(k, p))(jax.random.split(kp, nb)).astype(jnp.int32)
   g = jax.random.normal(kg, (nb, p), jnp.float32)

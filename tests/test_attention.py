@@ -296,3 +296,51 @@ def test_make_attention_fn_dropout_and_errors():
     A.make_attention_fn("posrf", "iid", 0)
   with pytest.raises(ValueError, match="mask"):
     fn(q, k, v, mask=jnp.ones((2, 1, 12, 11), bool))
+
+
+@pytest.mark.parametrize("component", ["trigrf", "gerf"])
+def test_causal_log_attention_matches_reference_for_any_chunk_size(component):
+  # Signed (trigrf) and positive (gerf with A != 0) log-features, a key mask, chunk sizes that
+  # do and do not divide n: equal to the masked quadratic reference on the features.
+  q, k, v = _qkv(seed=8, n=21, scale=0.6)
+  w = _draw_w("orf", 16, 16)
+  spec = registry.get_component(component)
+  params = {"gerf_a_raw": jnp.float32(1.0)} if component == "gerf" else None
+  mask = (jnp.arange(21) % 5 != 3)[None, None]
+  x, y, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  x, y = x * 16 ** -0.25, y * 16 ** -0.25
+  mask = jnp.broadcast_to(mask, x.shape[:-1])
+  pq, pk = spec.features(x, y, w, y_mask=mask, params=params, stabilize=False, causal=True)
+  with jax.default_matmul_precision("highest"):
+    ref = A.causal_linear_attention_reference(pq, pk, vh, mask, guard=not spec.positive)
+    for chunk in (4, 21, 64):
+      out = A.rf_attention_heads(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), vh, w,
+                                 component=spec, params=params, kv_mask=mask, is_causal=True,
+                                 chunk_size=chunk)
+      np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-5, err_msg=str(chunk))
+
+
+def test_causal_mode_uses_neutral_statistics():
+  # Causal statistics would see the future; the data-dependent components fall back to their
+  # data-independent neutral parameters, which makes them PosRF.
+  q, k, v = _qkv(seed=9, n=16, scale=0.8)
+  w = _draw_w("orf", 16, 16)
+  f = lambda c: A.rf_attention(q, k, v, w, component=c, is_causal=True, chunk_size=8)
+  base = f("posrf")
+  for name in ("oprf", "sderf", "aderf", "saderf"):
+    np.testing.assert_allclose(f(name), base, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gradients_are_finite_when_the_normaliser_is_tiny_but_the_output_finite():
+  # Features scaled by 1e-22 leave the ratio unchanged; its derivative must not go through
+  # 1 / den^2 (which overflows).
+  pq = jnp.full((1, 4, 8), 0.8)
+  pk = pq * 1e-22
+  v = jnp.arange(12.0).reshape(1, 4, 3)
+  for guard in (False, True):
+    out = A.linear_attention(pq, pk, v, guard=guard)
+    np.testing.assert_allclose(out, jnp.broadcast_to(v.mean(-2, keepdims=True), out.shape),
+                               rtol=1e-5)
+    grads = jax.grad(lambda a, b: A.linear_attention(a, b, v, guard=guard).sum(),
+                     argnums=(0, 1))(pq, pk)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)

@@ -122,3 +122,24 @@ def test_extreme_inputs_and_fully_masked_rows_stay_finite():
   assert np.all(np.asarray(out[1], np.float32) == 0)
   grads = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
   assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+def test_bfloat16_gradient_of_gerf_a_matches_float32():
+  """d/dA sums logit cotangents over rows and keys, and those sums nearly cancel (the ratio
+  is invariant to per-row and per-head shifts): taken from bf16-rounded cotangents they would
+  be off by O(2^-9 sum |cotangent|).  With float32 sums the error is bf16-sized relative to
+  the gradient itself."""
+  q, k, v, w = _inputs(5)
+  raw = C.gerf_init_params()["gerf_a_raw"] + 1.0  # A = 1/8 - softplus(raw + 1) ~ -0.2
+  r = jax.random.normal(jax.random.key(6), (B, H, N, D))
+
+  def grad_a(dtype):
+    def loss(raw):
+      x, y = (jnp.swapaxes(t, 1, 2) * D ** -0.25 for t in (q, k))
+      form = C.gerf_log_linear(x, y, w, params={"gerf_a_raw": raw})
+      out = fused.positive_rf_attention(form, w, jnp.swapaxes(v, 1, 2), feature_dtype=dtype)
+      return jnp.sum(out * r)
+    return float(jax.grad(loss)(raw))
+
+  g32, g16 = grad_a(jnp.float32), grad_a(jnp.bfloat16)
+  assert abs(g16 - g32) <= 2e-2 * abs(g32) + 1e-3, (g16, g32)

@@ -194,3 +194,18 @@ def test_bad_arguments_raise_clear_errors():
   m = L.RFMultiHeadAttention(H, D, num_features=16, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="q_mask must have shape"):
     m(x, q_mask=jnp.ones((B,), bool))
+
+
+def test_nnx_self_attention_with_kv_mask_only_ignores_padded_queries():
+  # In self-attention q_mask defaults to kv_mask: padded queries stay out of OPRF's statistic
+  # and their outputs are zero; real outputs do not depend on the padded values.
+  m = L.RFMultiHeadAttention(H, D, num_features=32, component="oprf", weight="orf",
+                             decode=False, rngs=nnx.Rngs(3))
+  x, pad = _x(4), _pad()
+  x2 = jnp.where(pad[..., None], x, 7.0)
+  y, y2 = m(x, kv_mask=pad), m(x2, kv_mask=pad)
+  np.testing.assert_allclose(np.asarray(y2)[np.asarray(pad)], np.asarray(y)[np.asarray(pad)],
+                             rtol=1e-5, atol=1e-6)
+  out_bias = np.asarray(m.out.bias[...])
+  np.testing.assert_allclose(np.asarray(y)[~np.asarray(pad)],
+                             np.broadcast_to(out_bias, y[~pad].shape), atol=1e-6)

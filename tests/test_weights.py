@@ -316,3 +316,21 @@ def test_registry_spec_init_matrix_under_jit(name):
   w, params = draw(jax.random.PRNGKey(0))
   assert w.shape == (100, 24) and w.dtype == jnp.float32
   assert spec.learnable == bool(jax.tree_util.tree_leaves(params))
+
+
+def test_every_random_draw_has_its_own_purpose_key(monkeypatch):
+  # Generators must not consume the same random bits for different purposes (e.g. qmc's first
+  # row and orf's chi norms): every draw goes through a distinct purpose string, and the
+  # resulting sub-keys are distinct and deterministic in the key.
+  seen = []
+  real = weights.purpose_keys
+  monkeypatch.setattr(weights, "purpose_keys", lambda key, *p: seen.extend(p) or real(key, *p))
+  key = jax.random.PRNGKey(0)
+  for name in ("iid", "orf", "sorf", "scrf", "rom", "simrf", "qmc", "mm", "sgq", "fastfood"):
+    getattr(weights, name)(key, 8, 4)
+  weights.qmc(key, 8, 4, sequence="halton")
+  assert len(seen) == len(set(seen)) >= 20
+  data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in real(key, *seen)]
+  assert len(set(data)) == len(seen)
+  again = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in real(key, *seen)]
+  assert again == data
