@@ -42,6 +42,7 @@ def _truncate_data(step_dir):
         f.truncate(os.path.getsize(path) // 3)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no noise
 @pytest.mark.parametrize("damage", ["truncate_data", "empty_metadata"])
 def test_unreadable_latest_checkpoint_falls_back_with_one_line(tmp_path, damage):
   directory = str(tmp_path / "checkpoints")

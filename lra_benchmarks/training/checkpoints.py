@@ -10,9 +10,12 @@ and the next newest one is tried.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
-from typing import Any, Callable, Optional
+import sys
+from typing import Any, Callable, Iterator, Optional
 
 import orbax.checkpoint as ocp
 
@@ -35,6 +38,24 @@ def short_error(error: BaseException, limit: int = 200) -> str:
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loops() -> Iterator[None]:
+  """Drops the ``RuntimeError: Event loop is closed`` that TensorStore callbacks of a failed
+  orbax read raise after orbax closed its event loop (dozens of tracebacks of no use); every
+  other unraisable exception still goes to the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 class CheckpointStore:
@@ -91,7 +112,12 @@ class CheckpointStore:
     tried = []
     for step in reversed(self.steps()):
       try:
-        state, meta = self.restore(step, abstract_state)
+        with _quiet_closed_event_loops():
+          try:
+            state, meta = self.restore(step, abstract_state)
+          except Exception:
+            gc.collect()  # a failed read's leftovers complain now, into the filter
+            raise
         if verify is not None:
           verify(step, state, meta)
       except Exception as e:  # pylint: disable=broad-except
