@@ -268,3 +268,11 @@ def test_user_mistakes_are_one_or_two_lines(args, expected):
   assert proc.returncode == 2
   assert expected in proc.stderr
   assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_missing_data_dir_prints_the_loaders_message_without_a_traceback(tmp_path):
+  proc = _cli("--config=configs/listops_softmax.py", f"--workdir={tmp_path / 'run'}",
+              f"--config.data_dir={tmp_path / 'nonexistent'}")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("error: listops: data not found. Looked for:")
+  assert str(tmp_path / "nonexistent") in proc.stderr and "Traceback" not in proc.stderr
