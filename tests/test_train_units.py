@@ -74,6 +74,15 @@ def test_no_readable_checkpoint_says_what_to_do(tmp_path):
                            hint="Start afresh with a new --workdir.")
 
 
+def test_checkpoint_of_other_shapes_is_an_error_and_stays(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _save_steps(directory, [2])
+  with checkpoints.CheckpointStore(directory, max_to_keep=5, say=lambda m: None) as store:
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit this config"):
+      store.restore_latest({"w": jax.ShapeDtypeStruct((128,), jnp.float32)})
+    assert store.steps() == [2]
+
+
 def test_verify_rejects_a_checkpoint_that_restores_but_is_inconsistent(tmp_path):
   directory = str(tmp_path / "checkpoints")
   _save_steps(directory, [3, 6])

@@ -22,6 +22,10 @@ import orbax.checkpoint as ocp
 ITEMS = ("state", "meta")
 
 
+# What orbax says when an intact checkpoint has other shapes or another tree than the target.
+_MISMATCH = ("is not compatible with the stored shape", "Structure mismatch")
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint in a directory could be restored; the message says what to do."""
 
@@ -107,7 +111,8 @@ class CheckpointStore:
     ``verify(step, state, meta)`` (if given) does not raise.
     Each unreadable checkpoint is moved to ``<parent>/unreadable/<name>-<step>`` with one line
     naming it and the error. Raises CheckpointError when checkpoints exist but none is
-    readable (``hint`` is appended to its message).
+    readable, or at once (moving nothing) when the newest is intact but holds other shapes or
+    another tree than ``abstract_state`` (``hint`` is appended to its message).
     """
     tried = []
     for step in reversed(self.steps()):
@@ -122,6 +127,9 @@ class CheckpointStore:
           verify(step, state, meta)
       except Exception as e:  # pylint: disable=broad-except
         path = os.path.join(self.directory, str(step))
+        if any(sign in str(e) for sign in _MISMATCH):
+          raise CheckpointError(f"Checkpoint {path} does not fit this config "
+                                f"({short_error(e)}). {hint}".strip()) from None
         tried.append(f"{path} ({short_error(e)})")
         moved = self._set_aside(step)
         self._say(f"Checkpoint {path} is unreadable ({short_error(e)}); moved it to {moved} "
