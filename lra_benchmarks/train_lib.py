@@ -409,9 +409,7 @@ def resume(latest: checkpoints_lib.CheckpointStore, best: checkpoints_lib.Checkp
   early stop stands unless ``patience`` grew). Best checkpoints past the resume point are
   dropped (this run recomputes those steps)."""
   abstract = jax.eval_shape(init_state)  # shapes, dtypes and shardings; nothing computed
-  hint = ("This config may not fit the checkpoints (config.resume=force)."
-          if config.resume == "force" else
-          "Start afresh with a new --workdir (or delete the checkpoints directory).")
+  hint = "Use a new --workdir for this config (or move the checkpoints directory away)."
   found = latest.restore_latest(abstract, verify=_verify, hint=hint)
   meta = initial_meta()
   if found is None:

@@ -128,8 +128,9 @@ class CheckpointStore:
       except Exception as e:  # pylint: disable=broad-except
         path = os.path.join(self.directory, str(step))
         if any(sign in str(e) for sign in _MISMATCH):
-          raise CheckpointError(f"Checkpoint {path} does not fit this config "
-                                f"({short_error(e)}). {hint}".strip()) from None
+          first = short_error(e).split(". ")[0]  # not orbax's advice on padding
+          raise CheckpointError(f"Checkpoint {path} does not fit this config ({first}). "
+                                f"{hint}".strip()) from None
         tried.append(f"{path} ({short_error(e)})")
         moved = self._set_aside(step)
         self._say(f"Checkpoint {path} is unreadable ({short_error(e)}); moved it to {moved} "
