@@ -409,9 +409,7 @@ def resume(latest: checkpoints_lib.CheckpointStore, best: checkpoints_lib.Checkp
   early stop stands unless ``patience`` grew). Best checkpoints past the resume point are
   dropped (this run recomputes those steps)."""
   abstract = jax.eval_shape(init_state)  # shapes, dtypes and shardings; nothing computed
-  hint = ("This config may not fit the checkpoints (config.resume=force)."
-          if config.resume == "force" else
-          "Start afresh with a new --workdir (or delete the checkpoints directory).")
+  hint = "Use a new --workdir for this config (or move the checkpoints directory away)."
   found = latest.restore_latest(abstract, verify=_verify, hint=hint)
   meta = initial_meta()
   if found is None:
@@ -583,6 +581,16 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
     latest.save(step, state, meta)
     last_save = time.perf_counter()
 
+  def log(step: int) -> dict:
+    """Writes the mean metrics of the steps since the last log; returns loss and accuracy."""
+    nonlocal pending
+    clock.pause(pending[-1])
+    values, pending = jax.device_get(pending), []
+    summary = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+    summary["steps_per_second"] = clock.steps / clock.seconds if clock.seconds else 0.0
+    writer.write(step, "train", summary)
+    return {"loss": summary["loss"], "accuracy": summary["accuracy"]}
+
   reporter.start(step)
   while not meta["finished"] and step < end_step and not stop.requested:
     clock.run()
@@ -595,12 +603,7 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
     clock.count()
     pending.append(metrics)
     if step % config.log_every == 0 or step == end_step:
-      clock.pause(metrics)
-      values, pending = jax.device_get(pending), []
-      summary = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
-      summary["steps_per_second"] = clock.steps / clock.seconds if clock.seconds else 0.0
-      writer.write(step, "train", summary)
-      shown = {"loss": summary["loss"], "accuracy": summary["accuracy"]}
+      shown = log(step)
     if reporter.due() or step == end_step:
       jax.block_until_ready(metrics)  # show only steps the device has finished
       reporter.train(step, **shown)
@@ -618,6 +621,8 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
         and time.perf_counter() - last_save >= config.checkpoint_every_seconds)):
       save(step)
   reporter.close()
+  if pending:  # stopped between logs: nothing trained goes unlogged
+    log(step)
   if stop.requested and step > 0 and step not in latest.steps():
     save(step)
   latest.wait()

@@ -182,6 +182,7 @@ def _truncate_data(step_dir):
         f.truncate(os.path.getsize(path) // 3)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no noise
 def test_larger_budget_continues_past_a_corrupt_checkpoint_and_results_agree(tmp_path, capsys):
   """A finished 8-step run rerun with 16 steps trains 8 more (here from step 4: the step-8
   checkpoint is truncated, which costs one line); results.json says 16 steps and the config

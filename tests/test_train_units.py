@@ -8,7 +8,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -42,6 +41,7 @@ def _truncate_data(step_dir):
         f.truncate(os.path.getsize(path) // 3)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no noise
 @pytest.mark.parametrize("damage", ["truncate_data", "empty_metadata"])
 def test_unreadable_latest_checkpoint_falls_back_with_one_line(tmp_path, damage):
   directory = str(tmp_path / "checkpoints")
@@ -72,6 +72,15 @@ def test_no_readable_checkpoint_says_what_to_do(tmp_path):
                        "new --workdir"):
       store.restore_latest({"w": jax.ShapeDtypeStruct((256,), jnp.float32)},
                            hint="Start afresh with a new --workdir.")
+
+
+def test_checkpoint_of_other_shapes_is_an_error_and_stays(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _save_steps(directory, [2])
+  with checkpoints.CheckpointStore(directory, max_to_keep=5, say=lambda m: None) as store:
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit this config"):
+      store.restore_latest({"w": jax.ShapeDtypeStruct((128,), jnp.float32)})
+    assert store.steps() == [2]
 
 
 def test_verify_rejects_a_checkpoint_that_restores_but_is_inconsistent(tmp_path):
@@ -268,3 +277,11 @@ def test_user_mistakes_are_one_or_two_lines(args, expected):
   assert proc.returncode == 2
   assert expected in proc.stderr
   assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_missing_data_dir_prints_the_loaders_message_without_a_traceback(tmp_path):
+  proc = _cli("--config=configs/listops_softmax.py", f"--workdir={tmp_path / 'run'}",
+              f"--config.data_dir={tmp_path / 'nonexistent'}")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("error: listops: data not found. Looked for:")
+  assert str(tmp_path / "nonexistent") in proc.stderr and "Traceback" not in proc.stderr

@@ -10,13 +10,20 @@ and the next newest one is tried.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
-from typing import Any, Callable, Optional
+import sys
+from typing import Any, Callable, Iterator, Optional
 
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "meta")
+
+
+# What orbax says when an intact checkpoint has other shapes or another tree than the target.
+_MISMATCH = ("is not compatible with the stored shape", "Structure mismatch")
 
 
 class CheckpointError(RuntimeError):
@@ -35,6 +42,24 @@ def short_error(error: BaseException, limit: int = 200) -> str:
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loops() -> Iterator[None]:
+  """Drops the ``RuntimeError: Event loop is closed`` that TensorStore callbacks of a failed
+  orbax read raise after orbax closed its event loop (dozens of tracebacks of no use); every
+  other unraisable exception still goes to the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 class CheckpointStore:
@@ -86,16 +111,26 @@ class CheckpointStore:
     ``verify(step, state, meta)`` (if given) does not raise.
     Each unreadable checkpoint is moved to ``<parent>/unreadable/<name>-<step>`` with one line
     naming it and the error. Raises CheckpointError when checkpoints exist but none is
-    readable (``hint`` is appended to its message).
+    readable, or at once (moving nothing) when the newest is intact but holds other shapes or
+    another tree than ``abstract_state`` (``hint`` is appended to its message).
     """
     tried = []
     for step in reversed(self.steps()):
       try:
-        state, meta = self.restore(step, abstract_state)
+        with _quiet_closed_event_loops():
+          try:
+            state, meta = self.restore(step, abstract_state)
+          except Exception:
+            gc.collect()  # a failed read's leftovers complain now, into the filter
+            raise
         if verify is not None:
           verify(step, state, meta)
       except Exception as e:  # pylint: disable=broad-except
         path = os.path.join(self.directory, str(step))
+        if any(sign in str(e) for sign in _MISMATCH):
+          first = short_error(e).split(". ")[0]  # not orbax's advice on padding
+          raise CheckpointError(f"Checkpoint {path} does not fit this config ({first}). "
+                                f"{hint}".strip()) from None
         tried.append(f"{path} ({short_error(e)})")
         moved = self._set_aside(step)
         self._say(f"Checkpoint {path} is unreadable ({short_error(e)}); moved it to {moved} "

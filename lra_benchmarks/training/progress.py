@@ -3,6 +3,7 @@ caller synchronised on it), rates from completed work, ETA, an evaluation line, 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Callable, Optional, TextIO
@@ -22,7 +23,7 @@ def format_bytes(n: Optional[float]) -> str:
 
 def format_duration(seconds: Optional[float]) -> str:
   """``42.3 -> "42 s"``, ``150 -> "2.5 min"``, ``5400 -> "1 h 30 min"``; None -> ``"?"``."""
-  if seconds is None or seconds != seconds or seconds == float("inf"):
+  if seconds is None or not math.isfinite(seconds):
     return "?"
   if seconds < 10:
     return f"{seconds:.1f} s"
