@@ -41,6 +41,8 @@ float32 ``[batch, n, heads, v_dim]``.  Padded keys get no weight and padded quer
 Random parts (BigBird's random blocks, Reformer's rotations, Informer's key samples and
 Skyformer's landmark positions) are drawn from a key; ``BaselineSelfAttention`` draws them at
 init into the ``"random_features"`` collection, so the trainer's ``redraw_every`` redraws them.
+``BaselineSelfAttention`` is a linen layer; in nnx use ``nnx.bridge.ToNNX(layer, rngs=...)``
+(then ``nnx.bridge.lazy_init(model, x)``).
 """
 
 from __future__ import annotations

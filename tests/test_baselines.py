@@ -1,6 +1,7 @@
 """The efficient-attention baselines against exact references on small inputs, padding, the
 Flax layer, and training ListOps from each baseline's config."""
 
+import functools
 import importlib.util
 import math
 import os
@@ -26,8 +27,14 @@ def _inputs(seed=0, n=N, scale=0.8):
   return q, k, v, mask
 
 
+@jax.jit
 def _softmax_ref(q, k, v, mask):
   return A.softmax_attention(q, k, v, kv_mask=mask, q_mask=mask, precision="highest")
+
+
+def _jit(fn, **kwargs):
+  """``fn`` jitted with its keyword hyperparameters bound (one compile, not op by op)."""
+  return jax.jit(functools.partial(fn, **kwargs))
 
 
 def _close(a, b, tol=1e-4):
@@ -36,13 +43,13 @@ def _close(a, b, tol=1e-4):
 
 def test_nystrom_with_one_landmark_per_token_is_softmax():
   q, k, v, mask = _inputs()
-  out = B.nystrom_attention(q, k, v, mask, num_landmarks=N, inverse="pinv")
+  out = _jit(B.nystrom_attention, num_landmarks=N, inverse="pinv")(q, k, v, mask)
   _close(out, _softmax_ref(q, k, v, mask))
 
 
 def test_iterative_pinv_converges_to_pinv():
   a = jax.nn.softmax(jax.random.normal(jax.random.key(3), (2, 6, 6)) + 3 * jnp.eye(6), -1)
-  _close(B.iterative_pinv(a, 12), jnp.linalg.pinv(a), 1e-4)
+  _close(jax.jit(B.iterative_pinv, static_argnums=1)(a, 12), jnp.linalg.pinv(a), 1e-4)
 
 
 def test_linformer_with_identity_projections_is_softmax():
@@ -54,7 +61,7 @@ def test_linformer_with_identity_projections_is_softmax():
 def test_bigbird_with_one_block_is_softmax():
   q, k, v, mask = _inputs()
   rnd = jnp.zeros((1, 3), jnp.int32)
-  _close(B.bigbird_attention(q, k, v, mask, block_size=16, random_blocks=rnd),
+  _close(_jit(B.bigbird_attention, block_size=16)(q, k, v, mask, random_blocks=rnd),
          _softmax_ref(q, k, v, mask))
 
 
@@ -70,20 +77,20 @@ def test_bigbird_small_blocks_follow_the_sparsity_pattern():
              | (rows == nb - 1) | (np.asarray(rnd)[rows, 0] == cols))
   allowed = jnp.asarray(allowed)[None, None] & mask[:, None, None, :]
   ref = jnp.where(mask[:, :, None, None], A.masked_softmax_attention(q, k, v, allowed), 0)
-  _close(B.bigbird_attention(q, k, v, mask, block_size=bs, random_blocks=rnd), ref)
+  _close(_jit(B.bigbird_attention, block_size=bs)(q, k, v, mask, random_blocks=rnd), ref)
 
 
 def test_informer_with_every_query_active_is_softmax():
   q, k, v, mask = _inputs()
   samples = jax.random.randint(jax.random.key(1), (N, 4), 0, N)
-  _close(B.informer_attention(q, k, v, mask, key_samples=samples, factor=N),
+  _close(_jit(B.informer_attention, factor=N)(q, k, v, mask, key_samples=samples),
          _softmax_ref(q, k, v, mask))
 
 
 def test_informer_lazy_queries_output_the_mean_value():
   q, k, v, mask = _inputs(n=32)
   samples = jax.random.randint(jax.random.key(1), (32, 4), 0, 32)
-  out = np.asarray(B.informer_attention(q, k, v, mask, key_samples=samples, factor=1))
+  out = np.asarray(_jit(B.informer_attention, factor=1)(q, k, v, mask, key_samples=samples))
   full = np.asarray(_softmax_ref(q, k, v, mask))
   m = np.asarray(mask)
   for b in range(NB):
@@ -117,21 +124,22 @@ def test_kernelized_matches_the_gaussian_kernel_sum():
 def test_skyformer_with_every_token_a_landmark_is_kernelized():
   q, k, v, _ = _inputs(scale=0.5)
   u = (jnp.arange(N) + 0.5) / N
-  out = B.skyformer_attention(q, k, v, None, landmark_u=jnp.concatenate([u, u]), ridge=0.0,
-                              inverse="pinv")
+  out = _jit(B.skyformer_attention, ridge=0.0, inverse="pinv")(
+      q, k, v, None, landmark_u=jnp.concatenate([u, u]))
   _close(out, B.kernelized_attention(q, k, v, None), 2e-3)
 
 
 def test_reformer_with_one_chunk_is_softmax_within_buckets():
   q, _, v, mask = _inputs()
   rot = jax.random.normal(jax.random.key(2), (1, D, 2))
-  out = B.reformer_attention(q, None, v, mask, rotations=rot, chunk_size=N)
+  out = _jit(B.reformer_attention, chunk_size=N)(q, None, v, mask, rotations=rot)
   keys = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
   bucket = B.lsh_buckets(A._to_heads(q), rot[0])  # [b, h, n]
   same = (bucket[..., :, None] == bucket[..., None, :]) & mask[:, None, None, :]
   others = same & ~jnp.eye(N, dtype=bool)
   allowed = jnp.where(others.any(-1, keepdims=True), others, same)
-  ref = jnp.where(mask[:, :, None, None], A.masked_softmax_attention(q, keys, v, allowed), 0)
+  ref = jnp.where(mask[:, :, None, None],
+                  jax.jit(A.masked_softmax_attention)(q, keys, v, allowed), 0)
   _close(out, ref)
 
 
