@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 from spectraformer_jax import components
 from spectraformer_jax import discrete
 from spectraformer_jax import feature_maps
+from spectraformer_jax import full_aderf
 from spectraformer_jax import hybrid
 from spectraformer_jax import learned
 from spectraformer_jax import weights
@@ -169,6 +170,12 @@ COMPONENTS: dict[str, ComponentSpec] = {
         description="Simplified ADERF: x -> Psi x, y -> Psi^-1 y, then OPRF; positive, "
                     "unbiased given the statistics.",
         log_linear=components.saderf_log_linear),
+    "aderf_full": ComponentSpec(
+        "aderf_full", full_aderf.aderf_full_features, _same, None, positive=True, unbiased=True,
+        description="Asymmetric dense-exponential RF with full matrices: geometric-mean "
+                    "whitening of q/k second moments, then the per-coordinate optimum; "
+                    "positive, unbiased given the statistics.",
+        log_linear=full_aderf.aderf_full_log_linear),
     "poisrf": ComponentSpec(
         "poisrf", discrete.poisrf_features, _same, None, positive=False, unbiased=True,
         description="Discretely-induced RF, Poisson(lambda) integer frequencies from W by the "
