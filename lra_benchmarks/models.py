@@ -5,11 +5,15 @@ embeddings, pre-LayerNorm transformer blocks (attention, then a GELU MLP), a fin
 mean (over real tokens) or CLS pooling and a ReLU MLP head. The retrieval model encodes both
 documents with one shared encoder and classifies ``[u, v, u * v, u - v]``.
 
-Attention is ``spectraformer_jax.layers.RFMultiHeadDotProductAttention`` for every kind:
+Attention is ``spectraformer_jax.layers.RFMultiHeadDotProductAttention`` for
 ``"softmax"`` (exact), ``"flash"`` (``jax.nn.dot_product_attention``) or ``"spectraformer"``
 (random features ``phi(x) = f(W x)`` with ``component``, ``weight`` and ``num_features``). A
 fixed W lives in the ``"random_features"`` collection, learnable W and component parameters
-in ``"params"``.
+in ``"params"``.  The efficient-attention baselines (``spectraformer_jax.baselines.KINDS``:
+``"nystrom"``, ``"skyformer"``, ``"linformer"``, ``"bigbird"``, ``"reformer"``,
+``"informer"``, ``"kernelized"``) run through ``baselines.BaselineSelfAttention`` with their
+hyperparameters from ``config.model`` (fields of ``baselines.HYPERPARAMETERS``; the layer's
+defaults, the study's values, where a field is absent).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ATTENTION_KINDS = ("softmax", "flash", "spectraformer")
+from spectraformer_jax import baselines
+
+ATTENTION_KINDS = ("softmax", "flash", "spectraformer") + tuple(baselines.KINDS)
+_BASELINE_FIELDS = sorted({f for fields in baselines.HYPERPARAMETERS.values() for f in fields})
 POOLINGS = ("mean", "cls")
 REDRAWS = ("never", "always")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,14 +58,19 @@ class ModelConfig:
   redraw: str = "never"
   fused: bool = True
   dtype: str = "float32"
+  baseline: tuple = ()  # (field, value) pairs of the baseline's hyperparameters
 
   @classmethod
   def from_config(cls, model_config: Any, *, vocab_size: int, num_classes: int,
                   max_len: int) -> "ModelConfig":
-    """Builds from a ``config.model`` ConfigDict (unknown fields like ``redraw_every`` ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-    return cls(vocab_size=vocab_size, num_classes=num_classes, max_len=max_len, **kwargs)
+    """Builds from a ``config.model`` ConfigDict (unknown fields like ``redraw_every`` ignored;
+    the baselines' hyperparameter fields go to ``baseline``)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"baseline"}
+    fields = dict(model_config)
+    kwargs = {k: v for k, v in fields.items() if k in names}
+    baseline = tuple((k, fields[k]) for k in _BASELINE_FIELDS if k in fields)
+    return cls(vocab_size=vocab_size, num_classes=num_classes, max_len=max_len,
+               baseline=baseline, **kwargs)
 
   def validate(self) -> None:
     """Raises ValueError naming the offending ``config.model`` field."""
@@ -86,6 +98,14 @@ class ModelConfig:
     if self.attention == "spectraformer":
       from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
       registry.check_pair(self.component, self.weight)
+    for field, value in self.baseline:
+      if field not in _BASELINE_FIELDS:
+        bad(field, value, f"is not a baseline hyperparameter ({_BASELINE_FIELDS})")
+      if field == "ridge":
+        if not isinstance(value, (int, float)) or value < 0:
+          bad(field, value, "must be a non-negative number")
+      elif not isinstance(value, int) or value <= 0:
+        bad(field, value, "must be a positive integer")
 
 
 class MlpBlock(nn.Module):
@@ -122,10 +142,16 @@ class EncoderBlock(nn.Module):
       attention_kwargs = dict(component=cfg.component, weight=cfg.weight,
                               num_features=cfg.num_features, redraw=cfg.redraw,
                               fused=cfg.fused)
-    y = layers.RFMultiHeadDotProductAttention(
-        num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
-        dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
-        name="attention", **attention_kwargs)(y, kv_mask=mask, q_mask=mask,
+    if cfg.attention in baselines.KINDS:  # self-attention: padded queries give zeros
+      y = baselines.BaselineSelfAttention(
+          kind=cfg.attention, num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim,
+          out_features=cfg.emb_dim, dropout_rate=cfg.attention_dropout_rate, dtype=dtype,
+          name="attention", **dict(cfg.baseline))(y, kv_mask=mask, deterministic=deterministic)
+    else:
+      y = layers.RFMultiHeadDotProductAttention(
+          num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
+          dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
+          name="attention", **attention_kwargs)(y, kv_mask=mask, q_mask=mask,
                                                    deterministic=deterministic)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = x + y

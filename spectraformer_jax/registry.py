@@ -27,6 +27,10 @@ Contracts (everything downstream relies on these and nothing else):
     leading index), which cancels in the attention normalisation.
   * ``feature_dim(m) -> F``; ``init_params(key, dim) -> params`` for learnable
     component parameters, or ``None`` when the component has none.
+  * ``weights``: the weight matrices the component pairs with (None: every random one, i.e.
+    every entry of ``WEIGHTS``); ``check_pair`` refuses the others, naming the valid ones.
+    Deterministic and learnable feature maps (``elu``, ``hedgehog``) take the deterministic
+    weight ``identity`` (``DETERMINISTIC_WEIGHTS``), which no estimator takes.
   * ``log_linear(x, y, W, *, x_mask=None, y_mask=None, params=None) -> components.LogLinear``
     for positive components whose log-features are ``x' . w_r + col_r + row_i``
     (``features`` is then ``exp`` of those); ``None`` otherwise.  Attention uses it for the
@@ -45,6 +49,10 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 from spectraformer_jax import components
+from spectraformer_jax import discrete
+from spectraformer_jax import feature_maps
+from spectraformer_jax import full_aderf
+from spectraformer_jax import hybrid
 from spectraformer_jax import learned
 from spectraformer_jax import weights
 
@@ -73,6 +81,7 @@ class ComponentSpec:
   description: str
   log_linear: Optional[Callable[..., components.LogLinear]] = None
   log_features: Optional[Callable[..., components.SignedLogFeatures]] = None
+  weights: Optional[tuple[str, ...]] = None
 
 
 def _fixed(name: str, generator: Callable[..., Any], description: str) -> WeightSpec:
@@ -102,6 +111,11 @@ WEIGHTS: dict[str, WeightSpec] = {
                       "Learnable Gaussian-mixture spectral density (reparameterised)."),
 }
 WEIGHT_ALIASES: dict[str, str] = {"gaus": "iid"}
+# Deterministic "weights" of the feature maps that are not kernel estimators (no draw).
+DETERMINISTIC_WEIGHTS: dict[str, WeightSpec] = {
+    "identity": _fixed("identity", feature_maps.identity_weight,
+                       "Deterministic W = I (rows e_(r mod d)): W x = x, for elu/relu/hedgehog."),
+}
 
 # Component functions (owned by components.py / stats.py).
 def _same(m: int) -> int:
@@ -110,6 +124,24 @@ def _same(m: int) -> int:
 
 def _double(m: int) -> int:
   return 2 * m
+
+
+_RANDOM = tuple(sorted(WEIGHTS))
+# Weight matrices whose rows are exactly N(0, I_d) (weights.py's table): the quantile transform
+# of the discretely-induced components keeps their law only for these.
+_GAUSSIAN = ("fastfood", "iid", "orf", "qmc", "scrf", "simrf")
+# Why a component takes only its ``weights`` (components with ``weights=None`` take _RANDOM).
+_RESTRICTED_BECAUSE = {
+    "poisrf": "its integer frequencies are F^-1(Phi(W)), which has the Poisson law only for "
+              "exactly Gaussian rows",
+    "geomrf": "its integer frequencies are F^-1(Phi(W)), which has the geometric law only for "
+              "exactly Gaussian rows",
+    "hrf": "its mixture weight is unbiased only if its rows are independent of the base "
+           "estimators' rows, which structured and quasi-random matrices couple",
+    "elu": "it is a deterministic feature map",
+    "relu": "it is a feature map without Monte-Carlo structure",
+    "hedgehog": "it is a learned feature map",
+}
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
@@ -147,14 +179,65 @@ COMPONENTS: dict[str, ComponentSpec] = {
         description="Simplified ADERF: x -> Psi x, y -> Psi^-1 y, then OPRF; positive, "
                     "unbiased given the statistics.",
         log_linear=components.saderf_log_linear),
+    "aderf_full": ComponentSpec(
+        "aderf_full", full_aderf.aderf_full_features, _same, None, positive=True, unbiased=True,
+        description="Asymmetric dense-exponential RF with full matrices: geometric-mean "
+                    "whitening of q/k second moments, then the per-coordinate optimum; "
+                    "positive, unbiased given the statistics.",
+        log_linear=full_aderf.aderf_full_log_linear),
+    "poisrf": ComponentSpec(
+        "poisrf", discrete.poisrf_features, _same, None, positive=False, unbiased=True,
+        description="Discretely-induced RF, Poisson(lambda) integer frequencies from W by the "
+                    "quantile transform, lambda per coordinate from q/k statistics; signed, "
+                    "unbiased.", weights=_GAUSSIAN),
+    "geomrf": ComponentSpec(
+        "geomrf", discrete.geomrf_features, _same, None, positive=False, unbiased=True,
+        description="Discretely-induced RF, geometric integer frequencies from W by the quantile "
+                    "transform; signed, unbiased.", weights=_GAUSSIAN),
+    "hrf": ComponentSpec(
+        "hrf", hybrid.hrf_features, hybrid.feature_dim, None, positive=False, unbiased=True,
+        description="Hybrid RF: angular-kernel-weighted mix of PosRF and TrigRF, the weight "
+                    "estimated by sign features ((r+1)(m1+2m2) features); signed, unbiased.",
+        weights=("iid",)),
+    "elu": ComponentSpec(
+        "elu", feature_maps.elu_features, _same, None, positive=True, unbiased=False,
+        description="Deterministic elu(Wx) + 1 (linear transformer), W = identity.",
+        weights=("identity",)),
+    "relu": ComponentSpec(
+        "relu", feature_maps.relu_features, _same, None, positive=True, unbiased=False,
+        description="relu(Wx)/sqrt(m): deterministic with W = identity, Performer's generalised "
+                    "(ReLU-kernel) attention with a random W.",
+        weights=("identity",) + _RANDOM),
+    "hedgehog": ComponentSpec(
+        "hedgehog", feature_maps.hedgehog_features, _double, feature_maps.hedgehog_init_params,
+        positive=True, unbiased=False,
+        description="Learnable softmax-mimicking map [softmax(W(Ax+b)), softmax(-W(Ax+b))], "
+                    "A, b trained with the model (2m features), W = identity.",
+        weights=("identity",)),
 }
 
-# (component, weight) pairs that make no sense -> the reason.  Empty on purpose: every
-# component is a function of the projections W x only (plus |omega|^2 for the GERF/DERF
-# family, whose importance weight exp(A|omega|^2) is exact for any omega), so every weight
-# matrix yields a valid estimator; whether it is *unbiased* is a property of the weight
-# matrix's row distribution (see WeightSpec descriptions), not of the pair.
-REFUSED_PAIRS: dict[tuple[str, str], str] = {}
+# (component, weight) pairs that make no sense -> the reason.  Every estimator component is a
+# function of the projections W x only (plus |omega|^2 for the GERF/DERF family, whose
+# importance weight exp(A|omega|^2) is exact for any omega), so every random weight matrix
+# yields a valid estimator; whether it is *unbiased* is a property of the weight matrix's row
+# distribution (see WeightSpec descriptions), not of the pair.  Refused are only the pairs
+# outside a component's ``weights``: estimators with the deterministic ``identity``, the
+# deterministic or learned maps with random frequencies, and the few estimators whose
+# construction needs more of W than Gaussian marginals (``_RESTRICTED_BECAUSE``).
+def _refusals() -> dict[tuple[str, str], str]:
+  refused = {}
+  for cname, comp in COMPONENTS.items():
+    valid = comp.weights if comp.weights is not None else _RANDOM
+    for wname in sorted([*WEIGHTS, *DETERMINISTIC_WEIGHTS]):
+      if wname not in valid:
+        why = _RESTRICTED_BECAUSE.get(
+            cname, "it estimates the softmax kernel by Monte Carlo and needs random frequencies")
+        refused[(cname, wname)] = (f"component {cname!r} does not take weight {wname!r}: {why}. "
+                                   f"Valid weights for {cname!r}: {', '.join(valid)}.")
+  return refused
+
+
+REFUSED_PAIRS: dict[tuple[str, str], str] = _refusals()
 
 
 def _unknown(kind: str, name: Any, valid: list[str]) -> ValueError:
@@ -163,7 +246,7 @@ def _unknown(kind: str, name: Any, valid: list[str]) -> ValueError:
 
 def weight_names() -> list[str]:
   """All weight-matrix names, aliases included."""
-  return sorted([*WEIGHTS, *WEIGHT_ALIASES])
+  return sorted([*WEIGHTS, *DETERMINISTIC_WEIGHTS, *WEIGHT_ALIASES])
 
 
 def component_names() -> list[str]:
@@ -174,6 +257,8 @@ def component_names() -> list[str]:
 def get_weight(name: str) -> WeightSpec:
   """Returns the WeightSpec for ``name`` (aliases resolved); ValueError if unknown."""
   key = WEIGHT_ALIASES.get(name, name) if isinstance(name, str) else name
+  if key in DETERMINISTIC_WEIGHTS:
+    return DETERMINISTIC_WEIGHTS[key]
   if key not in WEIGHTS:
     raise _unknown("weight matrix", name, weight_names())
   return WEIGHTS[key]
@@ -197,5 +282,5 @@ def check_pair(component: str, weight: str) -> tuple[ComponentSpec, WeightSpec]:
 
 def valid_pairs() -> list[tuple[str, str]]:
   """Every allowed (component, weight) pair, aliases excluded."""
-  return [(c, w) for c in sorted(COMPONENTS) for w in sorted(WEIGHTS)
+  return [(c, w) for c in sorted(COMPONENTS) for w in sorted([*WEIGHTS, *DETERMINISTIC_WEIGHTS])
           if (c, w) not in REFUSED_PAIRS]

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from configs import base
+from configs import base_baselines
 from spectraformer_jax import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -35,9 +36,10 @@ def test_files_match_study_combinations_for_every_task():
   expected = set()
   for task in base.TASKS:
     expected |= {f"{task}_softmax", f"{task}_flash"}
+    expected |= {f"{task}_{kind}" for kind in base_baselines.BASELINES}
     expected |= {f"{task}_{c}_{w}" for c in base.STUDY_COMPONENTS for w in base.STUDY_WEIGHTS}
   assert names == expected
-  assert len(names) == 5 * (3 * 6 + 2)
+  assert len(names) == 5 * (3 * 6 + 2 + len(base_baselines.BASELINES))
 
 
 def test_study_combinations_are_registry_pairs():
@@ -53,7 +55,7 @@ def test_config_file_names_its_combination(path):
   name = os.path.basename(path)[:-3]
   task, rest = name.split("_", 1)
   assert config.task == task
-  if rest in ("softmax", "flash"):
+  if rest in ("softmax", "flash") + base_baselines.BASELINES:
     assert config.model.attention == rest
   else:
     component, weight = rest.split("_")

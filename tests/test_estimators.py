@@ -116,7 +116,8 @@ def _exact(pairs):
 @functools.lru_cache(maxsize=None)
 def _unbiased_draws(weight):
   variants = sorted(v for v in VARIANTS if registry.COMPONENTS.get(VARIANTS[v][0], None) is None
-                    or registry.COMPONENTS[VARIANTS[v][0]].unbiased)
+                    or (registry.COMPONENTS[VARIANTS[v][0]].unbiased
+                        and (VARIANTS[v][0], weight) not in registry.REFUSED_PAIRS))
   return variants, _estimates(weight, UNBIASED_PAIRS, variants, 0)
 
 

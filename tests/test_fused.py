@@ -31,7 +31,7 @@ def _inputs(seed=0, scale=0.7, dtype=jnp.float32):
 
 
 def test_every_positive_component_has_the_log_linear_form():
-  assert set(POSITIVE) == {"posrf", "oprf", "gerf", "sderf", "aderf", "saderf"}
+  assert set(POSITIVE) == {"posrf", "oprf", "gerf", "sderf", "aderf", "saderf", "aderf_full"}
   assert registry.get_component("trigrf").log_linear is None
 
 

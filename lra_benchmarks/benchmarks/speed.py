@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectraformer_jax import baselines as _efficient_baselines
 from lra_benchmarks import train_lib
 from lra_benchmarks.benchmarks import common
 
@@ -74,7 +75,7 @@ TARGET_MEMORY = 0.5        # ... with at most 0.5x its peak memory
 TARGET_VS_FLASH_TIME = 0.6  # Text PosRF-ORF: at most 0.6x the step time of our flash ...
 TARGET_VS_FLASH_MEMORY = 1.0  # ... and at most 1.0x its peak memory
 
-BASELINES = ("softmax", "flash")
+BASELINES = ("softmax", "flash") + tuple(_efficient_baselines.KINDS)  # --baselines=all
 
 
 # ----------------------------------------------------------------------------- variants
@@ -286,9 +287,14 @@ def build_layer_step(variant: tuple, n: int, batch: int, args):
   dtype = jnp.dtype(args.dtype or "float32")
   kwargs = dict(component=comp, weight=weight, num_features=args.m) if kind == "spectraformer" \
       else {}
-  layer = layers.RFMultiHeadDotProductAttention(
-      num_heads=args.sweep_heads, qkv_features=args.sweep_dim, out_features=args.sweep_dim,
-      dtype=dtype, attention=kind, **kwargs)
+  if kind in _efficient_baselines.KINDS:
+    layer = _efficient_baselines.BaselineSelfAttention(
+        kind=kind, num_heads=args.sweep_heads, qkv_features=args.sweep_dim,
+        out_features=args.sweep_dim, dtype=dtype)
+  else:
+    layer = layers.RFMultiHeadDotProductAttention(
+        num_heads=args.sweep_heads, qkv_features=args.sweep_dim, out_features=args.sweep_dim,
+        dtype=dtype, attention=kind, **kwargs)
   x = jax.random.normal(jax.random.PRNGKey(1), (batch, n, args.sweep_dim), dtype)
   variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x[:1])
 
@@ -311,7 +317,8 @@ def run_sweep(variants: list[tuple], lengths: list[int], args, log) -> list[dict
         row["error"] = "skipped: --max_seconds reached"
         rows.append(row)
         continue
-      if variant[0] == "softmax" and args.softmax_max_length and n > args.softmax_max_length:
+      if (variant[0] in ("softmax", "kernelized") and args.softmax_max_length
+          and n > args.softmax_max_length):
         row["error"] = ("skipped: plain softmax above "
                         f"--softmax_max_length={args.softmax_max_length}")
         rows.append(row)

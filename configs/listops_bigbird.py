@@ -1,0 +1,7 @@
+"""ListOps with the BigBird baseline (blocks of 64, 3 random blocks)."""
+
+from configs import base_baselines, base_listops
+
+
+def get_config():
+  return base_baselines.baseline(base_listops.get_config(), "bigbird")

@@ -1,0 +1,7 @@
+"""Pathfinder with the BigBird baseline (blocks of 64, 3 random blocks)."""
+
+from configs import base_baselines, base_pathfinder
+
+
+def get_config():
+  return base_baselines.baseline(base_pathfinder.get_config(), "bigbird")
