@@ -154,5 +154,4 @@ def open_tfds(task: str, name: str, split: str, data_dir: str | None, download: 
     return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
   except Exception as e:  # pylint: disable=broad-except
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    raise missing(task, [os.path.join(where, name)],
-                  how + f" (tfds said: {type(e).__name__}: {e})") from e
+    raise missing(task, [os.path.join(where, name)], how) from e
