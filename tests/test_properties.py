@@ -177,13 +177,13 @@ def test_sderf_is_continuous_when_eigenvalues_cross():
 
 def test_causal_state_is_float32_for_bfloat16_features():
   ks = jax.random.split(jax.random.key(30), 3)
-  n, f = 256, 16
+  n, f = 1024, 16
   pq = jnp.abs(jax.random.normal(ks[0], (1, n, f)))
   pk = jnp.abs(jax.random.normal(ks[1], (1, n, f)))
-  v = jax.random.normal(ks[2], (1, n, 4))
+  v = 1.0 + jax.random.uniform(ks[2], (1, n, 4))
   bf = lambda t: t.astype(jnp.bfloat16)
   ref = A.causal_linear_attention(bf(pq).astype(jnp.float32), bf(pk).astype(jnp.float32),
                                   bf(v).astype(jnp.float32), 32, guard=False)
   out = A.causal_linear_attention(bf(pq), bf(pk), bf(v), 32, guard=False)
   # only the final rounding to bfloat16 remains (relative 2^-9), no accumulated state error
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2 ** -7, atol=2 ** -7)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2 ** -8)
