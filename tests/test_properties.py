@@ -27,11 +27,12 @@ def _w(seed=7):
   return weights.orf(jax.random.key(seed), M, D)
 
 
-def _attend(component, causal, fused=True):
+def _attend(component, causal, fused=True, jit=False):
   """``(q, k, v, mask, r) -> (out, d sum(out * r) / d(q, k, v))`` of ``rf_attention`` with both
-  masks given by one padding mask.  Bidirectional runs eagerly on purpose (the small
-  per-operation executables are shared by every component and shape here, much cheaper than
-  one ``jit`` each); causal is jitted (an eager ``scan`` is compiled again at every call)."""
+  masks given by one padding mask.  Eager unless ``jit`` on purpose: the small per-operation
+  executables are shared by every component and shape here, much cheaper than one ``jit``
+  each; ``jit`` pays off only for repeated calls with one shape (an eager ``scan`` is compiled
+  again at every call)."""
   w = _w()
 
   def f(q, k, v, mask, r):
@@ -40,7 +41,7 @@ def _attend(component, causal, fused=True):
     return jnp.sum(out * r), out
 
   grad = jax.grad(f, argnums=(0, 1, 2), has_aux=True)
-  if causal:
+  if jit:
     grad = jax.jit(grad)
   return lambda q, k, v, mask, r: grad(q, k, v, mask, r)[::-1]
 
@@ -98,7 +99,7 @@ def test_padding_invariance_linen_layer_with_kv_mask_only(component, causal):
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_causality_outputs_and_gradients_before_t_ignore_token_t(component):
-  f = _attend(component, causal=True)
+  f = _attend(component, causal=True, jit=True)
   n, t = 24, 11
   q, k, v = _qkv(5, n)
   mask = jnp.ones((1, n), bool)
