@@ -273,9 +273,12 @@ def causal_linear_attention(phi_q, phi_k, v, chunk_size: int = DEFAULT_CHUNK_SIZ
   ``linear_attention``) but never builds ``[n, n]`` or per-position ``[n, F, dv]`` states:
   prefix sums run over chunks of ``chunk_size`` positions (O(n F dv) time, O(chunk F dv)
   extra memory); the result does not depend on ``chunk_size`` (up to float rounding).
-  Arguments as in ``linear_attention``.
+  State, normaliser and division are float32 whatever the input dtype; the result has the
+  inputs' promoted dtype.  Arguments as in ``linear_attention``.
   """
   phi_q, phi_k, v, q_mask = _prepare_linear(phi_q, phi_k, v, mask, q_mask)
+  dtype = jnp.result_type(phi_q, phi_k, v)
+  phi_q, phi_k, v = _f32(phi_q), _f32(phi_k), _f32(v)
   ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
   # One pass gives numerator and normaliser: append a column of ones to v.
   both = causal_prefix_product(phi_q, phi_k, jnp.concatenate([v, ones], -1), chunk_size,
@@ -289,7 +292,7 @@ def causal_linear_attention(phi_q, phi_k, v, chunk_size: int = DEFAULT_CHUNK_SIZ
   out = _guarded_divide(num, den, mag, eps)
   if q_mask is not None:
     out = jnp.where(q_mask[..., None], out, 0)
-  return out
+  return out.astype(dtype)
 
 
 def causal_linear_attention_reference(phi_q, phi_k, v, mask=None, q_mask=None, *,

@@ -29,10 +29,12 @@ so ``phi_q[i] . phi_k[j] = exp(-M_i) sum_r exp(lq[i, r] + lk[j, r])``: ``c_r`` c
 exactly and ``exp(-M_i)`` cancels in the ratio.  Every exponent is ``<= 0`` and
 ``den_i = phi_q[i] . z >= 1`` whenever the query has an unmasked key: the column ``r*``
 achieving ``M_i`` has ``phi_q[i, r*] = 1`` and ``z_{r*} >= exp(0) = 1`` (its maximising key), so
-no row can underflow, whatever the norms; ``1/den`` is only taken where ``den > 0``.
+no row can underflow, whatever the norms; ``1/den`` is only taken where ``den > 0``.  The
+residuals hold ``c [m]`` per leading index.  (Causal attention is not fused: it stabilises
+prefix by prefix, ``attention.causal_log_attention``.)
 
-Numerics: logits and ``exp`` in float32; the feature maps, and in the backward pass the logits' cotangents, are then
-stored in ``feature_dtype`` (bfloat16 halves their traffic) and contracted with float32
+Numerics: logits and ``exp`` in float32; the feature maps, and in the backward pass the logits'
+cotangents, are then stored in ``feature_dtype`` (bfloat16 halves their traffic) and contracted with float32
 accumulation.  With bfloat16 storage the projections use three bfloat16 passes instead of full
 float32 (H200, Text b32 n4096 core fwd+bwd: 1.63 -> 1.04 ms, same error against a float32
 reference: 3e-3 on the output, 6e-3 on the gradients).
@@ -42,8 +44,9 @@ Gradients (``g = dL/dout``, ``e`` indexes ``[v, 1]``): ``dnd_i = [g_i, -g_i . ou
 ``d[v, 1] = phi_k d[S, z]``; through ``exp``: ``d logits = d phi * phi``; then
 ``d xq = d logits_q W``, ``dW = d logits_q^T xq + d logits_k^T xk``, ``d col`` and ``d row_k``
 are the sums of ``d logits`` over rows and columns, taken in float32 before the cotangents are
-rounded to ``feature_dtype`` (they cancel almost exactly, which bfloat16 rounding would spoil).  The stabilisers are constants of the
-function (it does not depend on them), so treating them as such is exact.
+rounded to ``feature_dtype`` (they cancel almost exactly, which bfloat16 rounding would
+spoil).  The stabilisers are constants of the function (it does not depend on them), so
+treating them as such is exact.
 """
 
 from __future__ import annotations

@@ -27,11 +27,12 @@ def _w(seed=7):
   return weights.orf(jax.random.key(seed), M, D)
 
 
-def _attend(component, causal, fused=True):
+def _attend(component, causal, fused=True, jit=False):
   """``(q, k, v, mask, r) -> (out, d sum(out * r) / d(q, k, v))`` of ``rf_attention`` with both
-  masks given by one padding mask.  Bidirectional runs eagerly on purpose (the small
-  per-operation executables are shared by every component and shape here, much cheaper than
-  one ``jit`` each); causal is jitted (an eager ``scan`` is compiled again at every call)."""
+  masks given by one padding mask.  Eager unless ``jit`` on purpose: the small per-operation
+  executables are shared by every component and shape here, much cheaper than one ``jit``
+  each; ``jit`` pays off only for repeated calls with one shape (an eager ``scan`` is compiled
+  again at every call)."""
   w = _w()
 
   def f(q, k, v, mask, r):
@@ -40,7 +41,7 @@ def _attend(component, causal, fused=True):
     return jnp.sum(out * r), out
 
   grad = jax.grad(f, argnums=(0, 1, 2), has_aux=True)
-  if causal:
+  if jit:
     grad = jax.jit(grad)
   return lambda q, k, v, mask, r: grad(q, k, v, mask, r)[::-1]
 
@@ -98,7 +99,7 @@ def test_padding_invariance_linen_layer_with_kv_mask_only(component, causal):
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_causality_outputs_and_gradients_before_t_ignore_token_t(component):
-  f = _attend(component, causal=True)
+  f = _attend(component, causal=True, jit=True)
   n, t = 24, 11
   q, k, v = _qkv(5, n)
   mask = jnp.ones((1, n), bool)
@@ -177,13 +178,13 @@ def test_sderf_is_continuous_when_eigenvalues_cross():
 
 def test_causal_state_is_float32_for_bfloat16_features():
   ks = jax.random.split(jax.random.key(30), 3)
-  n, f = 256, 16
+  n, f = 1024, 16
   pq = jnp.abs(jax.random.normal(ks[0], (1, n, f)))
   pk = jnp.abs(jax.random.normal(ks[1], (1, n, f)))
-  v = jax.random.normal(ks[2], (1, n, 4))
+  v = 1.0 + jax.random.uniform(ks[2], (1, n, 4))
   bf = lambda t: t.astype(jnp.bfloat16)
   ref = A.causal_linear_attention(bf(pq).astype(jnp.float32), bf(pk).astype(jnp.float32),
                                   bf(v).astype(jnp.float32), 32, guard=False)
   out = A.causal_linear_attention(bf(pq), bf(pk), bf(v), 32, guard=False)
   # only the final rounding to bfloat16 remains (relative 2^-9), no accumulated state error
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2 ** -7, atol=2 ** -7)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2 ** -8)
