@@ -43,6 +43,8 @@ from jax.experimental import pallas as pl
 from spectraformer_jax.components import LogLinear
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_F32_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+_PROJ_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -66,27 +68,32 @@ def _round_up(x: int, k: int) -> int:
   return -(-x // k) * k
 
 
-def _dot(a, b, trans_a=False, trans_b=False, precision=_HIGHEST):
+def _dot(a, b, precision, trans_a=False, trans_b=False):
   """``a @ b`` of 2-D tiles, optionally transposed (no transpose is materialised), float32."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, precision=precision,
                              preferred_element_type=jnp.float32)
 
 
-def _project(x, w):
-  """Tile logits ``x [t, d] @ w [m, d]^T`` in float32 (full precision): ``[t, m]``."""
-  return _dot(x.astype(jnp.float32), w, trans_b=True)
+def _project(x, w, dtype):
+  """Tile logits ``x [t, d] @ w [m, d]^T`` in float32: ``[t, m]``.  Six bfloat16 passes (about
+  float32 accuracy) for float32 features, three (about 16 bits, as the XLA path's
+  ``Precision.HIGH``) for bfloat16 ones: tensor-core products either way."""
+  return _dot(x.astype(jnp.float32), w, _F32_DOT if dtype == jnp.float32 else _PROJ_DOT,
+              trans_b=True)
 
 
 def _fdot(a, b, dtype, trans_a=False, trans_b=False):
-  """``a @ b`` (optionally transposed) on ``dtype`` operands, float32 result."""
-  precision = _HIGHEST if dtype == jnp.float32 else None
-  return _dot(a.astype(dtype), b.astype(dtype), trans_a, trans_b, precision)
+  """``a @ b`` (optionally transposed) of feature-sized tiles, float32 result: bfloat16
+  operands for bfloat16 features, six bfloat16 passes for float32 ones."""
+  if dtype == jnp.float32:
+    return _dot(a.astype(jnp.float32), b.astype(jnp.float32), _F32_DOT, trans_a, trans_b)
+  return _dot(a.astype(dtype), b.astype(dtype), None, trans_a, trans_b)
 
 
-def _key_logits(xk_ref, rk_ref, col, w, sl):
+def _key_logits(xk_ref, rk_ref, col, w, sl, dtype):
   """Key logits of one tile, ``-inf`` at masked keys (``rk`` carries the mask): ``[t, m]``."""
-  return _project(xk_ref[sl, :], w) + col[None, :] + rk_ref[sl][:, None]
+  return _project(xk_ref[sl, :], w, dtype) + col[None, :] + rk_ref[sl][:, None]
 
 
 def _safe(c):
@@ -105,7 +112,7 @@ def _key_fwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, s_ref, z_ref, 
   def body(t, carry):
     c, s, z = carry
     sl = pl.ds(t * blk.tile, blk.tile)
-    lk = _key_logits(xk_ref, rk_ref, col, w, sl)
+    lk = _key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype)
     c_new = jnp.maximum(c, jnp.max(lk, axis=0))
     shift = _safe(c_new)
     alpha = jnp.exp(c - shift)
@@ -121,7 +128,7 @@ def _key_fwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, s_ref, z_ref, 
 
 def _query_tile(xq_ref, qb, w, s, z, sl, dtype):
   """Query features ``e [t, m]``, numerator ``[t, dv]`` and denominator ``[t]`` of one tile."""
-  a = _project(xq_ref[sl, :], w) + qb[None, :]
+  a = _project(xq_ref[sl, :], w, dtype) + qb[None, :]
   e = jnp.exp(a - jnp.max(a, axis=1)[:, None])
   return e, _fdot(e, s, dtype), jnp.sum(e * z[None, :], axis=1)
 
@@ -160,9 +167,9 @@ def _query_bwd_kernel(xq_ref, qm_ref, g_ref, qb_ref, w_ref, s_ref, z_ref,
     gg = g * inv[:, None]                                         # G_i
     h = -jnp.sum(gg * num, axis=1) * inv                          # -(g . out) q / den
     dlq = e * (_fdot(gg, s, dt, trans_b=True) + h[:, None] * z[None, :])
-    dxq_ref[sl, :] = _dot(dlq, w).astype(dxq_ref.dtype)
+    dxq_ref[sl, :] = _fdot(dlq, w, dt).astype(dxq_ref.dtype)
     return (ds + _fdot(e, gg, dt, trans_a=True), dz + jnp.sum(e * h[:, None], axis=0),
-            dw + _dot(dlq, xq, trans_a=True), dcol + jnp.sum(dlq, axis=0))
+            dw + _fdot(dlq, xq, dt, trans_a=True), dcol + jnp.sum(dlq, axis=0))
 
   m, dv = s_ref.shape
   d = w_ref.shape[1]
@@ -181,13 +188,13 @@ def _key_bwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, ds_ref, dz_ref
   def body(t, carry):
     dw, dcol = carry
     sl = pl.ds(t * blk.tile, blk.tile)
-    p = jnp.exp(_key_logits(xk_ref, rk_ref, col, w, sl) - shift[None, :])
+    p = jnp.exp(_key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype) - shift[None, :])
     dlk = p * (_fdot(v_ref[sl, :], ds, dt, trans_b=True) + dz[None, :])
-    dxk_ref[sl, :] = _dot(dlk, w).astype(dxk_ref.dtype)
+    dxk_ref[sl, :] = _fdot(dlk, w, dt).astype(dxk_ref.dtype)
     drk_ref[sl] = jnp.sum(dlk, axis=1).astype(drk_ref.dtype)
     dv_ref[sl, :] = _fdot(p, ds, dt).astype(dv_ref.dtype)
     xk = xk_ref[sl, :].astype(jnp.float32)
-    return dw + _dot(dlk, xk, trans_a=True), dcol + jnp.sum(dlk, axis=0)
+    return dw + _fdot(dlk, xk, dt, trans_a=True), dcol + jnp.sum(dlk, axis=0)
 
   m, d = w_ref.shape
   dw, dcol = jax.lax.fori_loop(0, blk.chunk // blk.tile, body,

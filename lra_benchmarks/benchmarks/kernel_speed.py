@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -87,9 +88,12 @@ def attend_fn(implementation: str, args, pallas_config=None) -> Callable:
 
 def measure(step: Callable, arrays, args) -> dict:
   """Median time and compiled temporaries of one fwd+bwd call."""
+  start = time.perf_counter()
   compiled = step.lower(*arrays).compile()
+  compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   row = common.time_calls(lambda: compiled(*arrays), warmup=args.warmup, reps=args.reps)
+  row["compile_s"] = compile_s
   row["temp_mib"] = None if mem is None else mem.temp_size_in_bytes / common.MIB
   return row
 
