@@ -34,6 +34,7 @@ removes them exactly) and the sequence to a multiple of the chunk (as masked row
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple, Optional
 
 import jax
@@ -333,14 +334,33 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # ----------------------------------------------------------------------------- public
 
 
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+
 def pallas_available() -> bool:
   """Whether the compiled (non-interpret) kernels can run: the default backend is a GPU."""
   return jax.default_backend() == "gpu"
 
 
+def resolve_implementation(implementation: str) -> str:
+  """``"auto"`` -> ``"pallas"`` where the kernels compile (GPU), else ``"xla"``; ``"pallas"`` and
+  ``"xla"`` pass through (``"pallas"`` off GPU runs in interpret mode)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation == "auto":
+    return "pallas" if pallas_available() else "xla"
+  return implementation
+
+
+@functools.lru_cache(maxsize=None)
+def log_fallback(reason: str) -> None:
+  """Logs once per distinct ``reason`` that the Pallas kernels were asked for but not used."""
+  logging.warning("Pallas attention not used (%s): falling back to the XLA path.", reason)
+
+
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
                                  feature_dtype=jnp.float32, block_rows: Optional[int] = None,
-                                 chunk_rows: int = 512, num_warps: int = 4,
+                                 chunk_rows: int = 512, num_warps: int = 8,
                                  interpret: Optional[bool] = None):
   """Bidirectional RF attention from log-linear features by Pallas kernels (module doc).
 

@@ -43,15 +43,15 @@ TARGET_MS = 0.35           # layer fwd + bwd at every length
 TARGET_VS_FLASH_AT_MAX = 40.0  # speed-up over flash at the longest length
 
 
-def rf_core(q, k, v, w, *, implementation: str, dtype, pallas_config=(None, 512, 4)):
+def rf_core(q, k, v, w, *, implementation: str, dtype, pallas_config=None):
   """PosRF attention of ``q, k, v [b, n, h, d]`` by ``implementation``: ``[b, n, h, d]`` f32."""
   scale = q.shape[-1] ** -0.25
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   form = components.posrf_log_linear(heads_first(q) * scale, heads_first(k) * scale, w)
   if implementation == "pallas":
-    tile, chunk, warps = pallas_config
-    out = positive_rf_attention_pallas(form, w, heads_first(v), feature_dtype=dtype,
-                                       block_rows=tile, chunk_rows=chunk, num_warps=warps)
+    tiling = {} if pallas_config is None else dict(
+        zip(("block_rows", "chunk_rows", "num_warps"), pallas_config))
+    out = positive_rf_attention_pallas(form, w, heads_first(v), feature_dtype=dtype, **tiling)
   elif implementation == "xla":
     out = fused.positive_rf_attention(form, w, heads_first(v), feature_dtype=dtype)
   else:
@@ -172,8 +172,10 @@ def markdown(result: dict) -> str:
             ratio(ms(n, "pallas"), ms(n, "xla")), ratio(ms(n, "flash"), ms(n, "pallas")),
             *(by.get((n, i), {}).get("temp_mib") for i in IMPLEMENTATIONS)]
            for n in lengths]
+  main_config = common.parse_list(result["args"]["pallas_configs"])[0]
   lines = ["# Attention core forward + backward: Pallas vs XLA vs cuDNN flash", "",
            common.environment_markdown(result["environment"]), "",
+           f"Pallas tiling of the main table (tile:chunk:warps): {main_config}.", "",
            common.markdown_table(
                ["n", "batch", "pallas ms", "xla ms", "flash ms", "pallas / xla",
                 "flash / pallas", "pallas temp MiB", "xla temp MiB", "flash temp MiB"], table)]
@@ -208,7 +210,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--m", type=int, default=128)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
-  parser.add_argument("--pallas_configs", default="64:512:4")
+  parser.add_argument("--pallas_configs", default="128:512:8")
   parser.add_argument("--tune_lengths", default="")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--reps", type=int, default=20)
