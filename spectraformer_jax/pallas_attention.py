@@ -46,7 +46,7 @@ from spectraformer_jax.components import LogLinear
 _HIGHEST = jax.lax.Precision.HIGHEST
 _F32_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
 _PROJ_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 class Blocking(NamedTuple):
@@ -79,14 +79,14 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
 def _project(x, w, dtype):
   """Tile logits ``x [t, d] @ w [m, d]^T`` in float32: ``[t, m]``.  Six bfloat16 passes (about
   float32 accuracy) for float32 features, three (about 16 bits, as the XLA path's
-  ``Precision.HIGH``) for bfloat16 ones: tensor-core products either way."""
+  ``Precision.HIGH``) for 16-bit ones: tensor-core products either way."""
   return _dot(x.astype(jnp.float32), w, _F32_DOT if dtype == jnp.float32 else _PROJ_DOT,
               trans_b=True)
 
 
 def _fdot(a, b, dtype, trans_a=False, trans_b=False):
   """``a @ b`` (optionally transposed) of feature-sized tiles, float32 result: bfloat16
-  operands for bfloat16 features, six bfloat16 passes for float32 ones."""
+  operands for 16-bit features, six bfloat16 passes for float32 ones."""
   if dtype == jnp.float32:
     return _dot(a.astype(jnp.float32), b.astype(jnp.float32), _F32_DOT, trans_a, trans_b)
   return _dot(a.astype(dtype), b.astype(dtype), None, trans_a, trans_b)
@@ -371,8 +371,8 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
     v: values ``[..., l, dv]``.
     kv_mask: ``bool[..., l]`` (True = real key) or None; masked keys contribute nothing.
     q_mask: ``bool[..., n]`` or None; masked queries give zeros.
-    feature_dtype: operand dtype of the feature contractions, float32 or bfloat16 (exponentials,
-      projections and accumulators are float32 either way).
+    feature_dtype: operand dtype of the feature contractions, float32, bfloat16 or float16
+      (exponentials, projections and accumulators are float32 either way).
     block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``.
     chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
       programs run over (leading index, chunk).
@@ -385,7 +385,7 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
   """
   feature_dtype = jnp.dtype(feature_dtype)
   if feature_dtype not in _DTYPES:
-    raise ValueError(f"feature_dtype must be float32 or bfloat16, got {feature_dtype}.")
+    raise ValueError(f"feature_dtype must be float32, bfloat16 or float16, got {feature_dtype}.")
   xq, xk = jnp.asarray(form.xq), jnp.asarray(form.xk)
   col, row_k = jnp.asarray(form.col, jnp.float32), jnp.asarray(form.row_k, jnp.float32)
   v, w = jnp.asarray(v), jnp.asarray(w, jnp.float32)

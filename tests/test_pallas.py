@@ -118,8 +118,8 @@ def test_bfloat16_operands_stay_close_and_broadcast_leading_dims():
 
 def test_bad_arguments_name_the_value():
   form, w, v = _form(5)
-  with pytest.raises(ValueError, match="float16"):
-    positive_rf_attention_pallas(form, w, v, feature_dtype=jnp.float16)
+  with pytest.raises(ValueError, match="float64"):
+    positive_rf_attention_pallas(form, w, v, feature_dtype=jnp.float64)
   with pytest.raises(ValueError, match="power of two"):
     positive_rf_attention_pallas(form, w, v, block_rows=24)
   with pytest.raises(ValueError, match=r"W must be"):
