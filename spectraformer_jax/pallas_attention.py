@@ -25,8 +25,12 @@ Gradients (``g_i = dL/dout_i``, ``q_i`` the query mask): ``G_i = q_i g_i / den_i
 ``drow_k = sum_r dlk``.  A query-side kernel computes ``dS, dz`` and the query gradients, a
 key-side kernel the rest.  Residuals: the inputs, ``S, z`` and ``c`` (O((n + l) d + m dv)).
 
-Backends: on GPU the Triton lowering of Pallas; elsewhere ``interpret=True`` (the same kernels
-run as XLA ops, for tests).  Block shapes are powers of two, so ``d``, ``dv`` and ``m`` are
+Backends: on GPU the Triton lowering of Pallas (deprecated since JAX 0.11, still present in
+0.11.2; a Mosaic GPU port is the way forward); elsewhere ``interpret=True`` (the same kernels run
+as XLA ops, for tests).  Programs run over (leading index, chunk of ``chunk_rows`` rows); chunk
+partial sums are merged by XLA.  On an H200 (``lra_benchmarks.benchmarks.kernel_speed``, PosRF,
+h2 d32 m128, bf16, 65536 tokens) forward + backward takes about 0.63-0.66 ms at any length, against
+0.71-0.77 ms for the XLA path, with 65 instead of 233 MiB of temporaries.  Block shapes are powers of two, so ``d``, ``dv`` and ``m`` are
 zero-padded to powers of two (padded feature columns get ``-inf`` on the query side, which
 removes them exactly) and the sequence to a multiple of the chunk (as masked rows).
 """
