@@ -1,0 +1,233 @@
+r"""Attention core alone, forward + backward: the Pallas kernels, the XLA fused path, cuDNN flash.
+
+At a fixed number of tokens per batch (``--tokens``; batch = tokens / n) and every length of
+``--lengths``: ``q, k, v [batch, n, heads, head_dim]`` in ``--dtype``, PosRF features with
+``m = --m`` (``components.posrf_log_linear`` of ``q, k`` scaled by ``head_dim**-0.25``), the
+gradient of ``sum(out^2)`` with respect to ``q, k, v`` (and ``W`` for random features).
+Implementations:
+
+* ``pallas``: ``pallas_attention.positive_rf_attention_pallas`` (feature operands in ``--dtype``);
+* ``xla``: ``fused.positive_rf_attention`` (the custom-VJP over XLA ops, same feature dtype);
+* ``flash``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only).
+
+Timing: ``--warmup`` calls, then the median of ``--reps`` calls, each timed on the host clock
+after ``block_until_ready`` (``common.time_calls``); memory: the compiled call's
+``memory_analysis().temp_size_in_bytes``.  ``--pallas_configs`` (``tile:chunk:warps``, comma
+separated) are all timed at ``--tune_lengths``; the first is the one of the main table.  The
+accuracy check compares the gradients and outputs of ``pallas`` and ``xla`` (both in
+``--dtype``) with the float32 XLA path at the first length.
+
+    python -m lra_benchmarks.benchmarks.kernel_speed --out_dir=docs/benchmarks
+
+Writes ``kernel_speed.json`` and ``kernel_speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lra_benchmarks.benchmarks import common
+from spectraformer_jax import components, fused, weights
+from spectraformer_jax.pallas_attention import positive_rf_attention_pallas
+
+IMPLEMENTATIONS = ("pallas", "xla", "flash")
+TARGET_MS = 0.35           # layer fwd + bwd at every length
+TARGET_VS_FLASH_AT_MAX = 40.0  # speed-up over flash at the longest length
+
+
+def rf_core(q, k, v, w, *, implementation: str, dtype, pallas_config=None):
+  """PosRF attention of ``q, k, v [b, n, h, d]`` by ``implementation``: ``[b, n, h, d]`` f32."""
+  scale = q.shape[-1] ** -0.25
+  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+  form = components.posrf_log_linear(heads_first(q) * scale, heads_first(k) * scale, w)
+  if implementation == "pallas":
+    tiling = {} if pallas_config is None else dict(
+        zip(("block_rows", "chunk_rows", "num_warps"), pallas_config))
+    out = positive_rf_attention_pallas(form, w, heads_first(v), feature_dtype=dtype, **tiling)
+  elif implementation == "xla":
+    out = fused.positive_rf_attention(form, w, heads_first(v), feature_dtype=dtype)
+  else:
+    raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}.")
+  return heads_first(out)
+
+
+def _flash(q, k, v, w):
+  del w
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def make_step(attend: Callable, with_w: bool) -> Callable:
+  """Compiled-to-be ``(q, k, v, w) -> (loss, grads)`` of ``loss = sum(attend(...)^2)``."""
+  def loss(q, k, v, w):
+    return jnp.sum(jnp.square(attend(q, k, v, w).astype(jnp.float32)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if with_w else (0, 1, 2)))
+
+
+def inputs(n: int, args):
+  """``q, k, v [tokens / n, n, heads, head_dim]`` in ``args.dtype`` and ``W [m, head_dim]``."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  shape = (args.tokens // n, n, args.heads, args.head_dim)
+  qkv = [jax.random.normal(kk, shape, jnp.float32).astype(args.dtype) for kk in ks[:3]]
+  return (*qkv, weights.orf(ks[3], args.m, args.head_dim))
+
+
+def attend_fn(implementation: str, args, pallas_config=None) -> Callable:
+  if implementation == "flash":
+    return _flash
+  extra = {} if pallas_config is None else {"pallas_config": pallas_config}
+  return functools.partial(rf_core, implementation=implementation, dtype=args.dtype, **extra)
+
+
+def measure(step: Callable, arrays, args) -> dict:
+  """Median time and compiled temporaries of one fwd+bwd call."""
+  start = time.perf_counter()
+  compiled = step.lower(*arrays).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  row = common.time_calls(lambda: compiled(*arrays), warmup=args.warmup, reps=args.reps)
+  row["compile_s"] = compile_s
+  row["temp_mib"] = None if mem is None else mem.temp_size_in_bytes / common.MIB
+  return row
+
+
+def accuracy(n: int, args) -> dict:
+  """Relative L2 error of the outputs and every gradient against the float32 XLA path."""
+  arrays = inputs(n, args)
+  ref_fn = functools.partial(rf_core, implementation="xla", dtype=jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(ref_fn)(*arrays), make_step(ref_fn, True)(*arrays)[1]
+  result = {}
+  for impl in ("pallas", "xla"):
+    fn = attend_fn(impl, args, parse_config(args.pallas_configs)[0])
+    got = jax.jit(fn)(*arrays), make_step(fn, True)(*arrays)[1]
+    errs = [float(jnp.linalg.norm((a - b).astype(jnp.float32)) /
+                  jnp.linalg.norm(b.astype(jnp.float32)))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+    result[impl] = dict(zip(["out", "dq", "dk", "dv", "dW"], errs))
+  return result
+
+
+def parse_config(text: str) -> list[tuple[int, int, int]]:
+  """``"128:512:4,64:512:4"`` -> ``[(128, 512, 4), (64, 512, 4)]`` (tile:chunk:warps)."""
+  configs = []
+  for item in common.parse_list(text):
+    parts = item.split(":")
+    if len(parts) != 3:
+      raise ValueError(f"a pallas config is tile:chunk:warps, got {item!r}.")
+    configs.append(tuple(int(p) for p in parts))
+  return configs
+
+
+def run(args) -> dict:
+  """Every implementation at every length, the tuning table and the accuracy check."""
+  on_gpu = jax.default_backend() == "gpu"
+  impls = [i for i in common.parse_list(args.implementations) if i != "flash" or on_gpu]
+  configs = parse_config(args.pallas_configs)
+  rows = []
+  for n in [common.parse_length(x) for x in common.parse_list(args.lengths)]:
+    arrays = inputs(n, args)
+    for impl in impls:
+      step = make_step(attend_fn(impl, args, configs[0]), impl != "flash")
+      row = {"n": n, "batch": args.tokens // n, "implementation": impl}
+      try:
+        row.update(measure(step, arrays, args))
+      except Exception as err:  # pylint: disable=broad-except
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+      rows.append(row)
+      print(row, flush=True)
+  tuning = []
+  for n in [common.parse_length(x) for x in common.parse_list(args.tune_lengths) or []]:
+    arrays = inputs(n, args)
+    for config in configs:
+      row = {"n": n, "config": "%d:%d:%d" % config}
+      try:
+        row.update(measure(make_step(attend_fn("pallas", args, config), True), arrays, args))
+      except Exception as err:  # pylint: disable=broad-except
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+      tuning.append(row)
+      print(row, flush=True)
+  check = accuracy(common.parse_length(common.parse_list(args.lengths)[0]), args)
+  print(check, flush=True)
+  return {"environment": common.environment(), "args": {k: str(v) for k, v in
+                                                        vars(args).items()},
+          "rows": rows, "tuning": tuning, "accuracy": check}
+
+
+def markdown(result: dict) -> str:
+  """The per-length table (ms, ratios, temporaries), the tuning table and the accuracy check."""
+  by = {(r["n"], r["implementation"]): r for r in result["rows"]}
+  lengths = sorted({r["n"] for r in result["rows"]})
+  ms = lambda n, i: by.get((n, i), {}).get("median_ms")
+  ratio = lambda a, b: None if a is None or b is None else a / b
+  table = [[n, by[(n, "pallas")]["batch"] if (n, "pallas") in by else None,
+            ms(n, "pallas"), ms(n, "xla"), ms(n, "flash"),
+            ratio(ms(n, "pallas"), ms(n, "xla")), ratio(ms(n, "flash"), ms(n, "pallas")),
+            *(by.get((n, i), {}).get("temp_mib") for i in IMPLEMENTATIONS)]
+           for n in lengths]
+  main_config = common.parse_list(result["args"]["pallas_configs"])[0]
+  lines = ["# Attention core forward + backward: Pallas vs XLA vs cuDNN flash", "",
+           common.environment_markdown(result["environment"]), "",
+           f"Pallas tiling of the main table (tile:chunk:warps): {main_config}.", "",
+           common.markdown_table(
+               ["n", "batch", "pallas ms", "xla ms", "flash ms", "pallas / xla",
+                "flash / pallas", "pallas temp MiB", "xla temp MiB", "flash temp MiB"], table)]
+  errors = [f"- {r['implementation']} n={r['n']}: {r['error']}" for r in result["rows"]
+            if "error" in r]
+  if errors:
+    lines += ["", "Failures:", *errors]
+  p = [ms(n, "pallas") for n in lengths if ms(n, "pallas") is not None]
+  if p:
+    lines += ["", f"Targets: pallas <= {TARGET_MS} ms at every length: max {max(p):.3f} ms; "
+              f"flash / pallas at n = {lengths[-1]}: "
+              f"{common.fmt(ratio(ms(lengths[-1], 'flash'), ms(lengths[-1], 'pallas')))} "
+              f"(target >= {TARGET_VS_FLASH_AT_MAX})."]
+  if result["tuning"]:
+    lines += ["", "Pallas tiling (tile:chunk:warps):", "",
+              common.markdown_table(["n", "config", "ms", "temp MiB"],
+                                    [[r["n"], r["config"], r.get("median_ms", r.get("error")),
+                                      r.get("temp_mib")] for r in result["tuning"]])]
+  acc = result["accuracy"]
+  lines += ["", "Relative L2 error against the float32 XLA path (first length):", "",
+            common.markdown_table(["implementation", *next(iter(acc.values())).keys()],
+                                  [[k, *v.values()] for k, v in acc.items()])]
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--lengths", default="512,1k,2k,4k,8k,16k,32k,64k")
+  parser.add_argument("--tokens", type=int, default=65536)
+  parser.add_argument("--heads", type=int, default=2)
+  parser.add_argument("--head_dim", type=int, default=32)
+  parser.add_argument("--m", type=int, default=128)
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+  parser.add_argument("--pallas_configs", default="128:512:8")
+  parser.add_argument("--tune_lengths", default="")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--out_dir", default="docs/benchmarks")
+  args = parser.parse_args(argv)
+  args.dtype = jnp.dtype(args.dtype)
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  args = parse_args(argv)
+  result = run(args)
+  os.makedirs(args.out_dir, exist_ok=True)
+  common.write_json(os.path.join(args.out_dir, "kernel_speed.json"), result)
+  common.write_text(os.path.join(args.out_dir, "kernel_speed.md"), markdown(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
