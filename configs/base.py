@@ -9,6 +9,8 @@ attention. Every field can be overridden on the command line, e.g.
 import ml_collections
 from ml_collections import config_dict
 
+from spectraformer_jax import pallas_attention
+
 # The combinations the Spectraformer study evaluated on all five LRA tasks (the results table
 # of the official repository, cruiseresearchgroup/spectraformer): 3 components x 6 weights.
 STUDY_COMPONENTS = ("posrf", "oprf", "saderf")
@@ -43,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.redraw = "never"       # "never" | "always" (fresh W every call)
   model.redraw_every = 0       # > 0: the trainer redraws fixed W every this many steps
   model.fused = True           # positive components: recompute feature maps in the backward pass
+  model.implementation = pallas_attention.DEFAULT_IMPLEMENTATION  # "xla" | "pallas" | "auto"
   model.dtype = "float32"      # compute dtype ("float32" | "bfloat16"); params stay float32
   config.model = model
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from spectraformer_jax import baselines
+from spectraformer_jax import pallas_attention
 
 ATTENTION_KINDS = ("softmax", "flash", "spectraformer") + tuple(baselines.KINDS)
 _BASELINE_FIELDS = sorted({f for fields in baselines.HYPERPARAMETERS.values() for f in fields})
@@ -57,6 +58,7 @@ class ModelConfig:
   num_features: int = 128
   redraw: str = "never"
   fused: bool = True
+  implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION  # fused path: xla | pallas | auto
   dtype: str = "float32"
   baseline: tuple = ()  # (field, value) pairs of the baseline's hyperparameters
 
@@ -141,7 +143,7 @@ class EncoderBlock(nn.Module):
     if cfg.attention == "spectraformer":
       attention_kwargs = dict(component=cfg.component, weight=cfg.weight,
                               num_features=cfg.num_features, redraw=cfg.redraw,
-                              fused=cfg.fused)
+                              fused=cfg.fused, implementation=cfg.implementation)
     if cfg.attention in baselines.KINDS:  # self-attention: padded queries give zeros
       y = baselines.BaselineSelfAttention(
           kind=cfg.attention, num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim,

@@ -54,6 +54,7 @@ import numpy as np
 
 from spectraformer_jax import components
 from spectraformer_jax import fused as fused_lib
+from spectraformer_jax import pallas_attention
 from spectraformer_jax._dtypes import f32 as _f32
 
 Array = jax.Array
@@ -644,18 +645,17 @@ def _log_features(spec, x, y, W, x_mask, y_mask, params):
     form = spec.log_linear(x, y, W, **kw)
     return (components.log_linear_logits(form.xq, W, form.col, form.row_q),
             components.log_linear_logits(form.xk, W, form.col, form.row_k), None, None)
-  if spec.log_features is None:
-    raise ValueError(f"Component {spec.name!r} defines neither log_linear nor log_features; "
-                     "causal attention needs one of them.")
   return tuple(spec.log_features(x, y, W, **kw))
 
 
 def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
                        is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
+                       eps: float = DEFAULT_EPS, precision=None, fused: bool = True,
+                       implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION):
   """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
   spec = _component_spec(component)
+  impl = pallas_attention.resolve_implementation(implementation)
   d = q.shape[-1]
   scale = d ** -0.25
   x, y = _f32(q) * scale, _f32(k) * scale
@@ -667,9 +667,25 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
   ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
   if fused and not is_causal and spec.log_linear is not None:
     form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params)
-    return fused_lib.positive_rf_attention(form, W, v, ym, xm,
-                                           feature_dtype=_feature_dtype(jnp.dtype(q.dtype)))
+    fd = _feature_dtype(jnp.dtype(q.dtype))
+    if impl == "pallas":
+      return pallas_attention.positive_rf_attention_pallas(form, W, v, ym, xm, feature_dtype=fd)
+    return fused_lib.positive_rf_attention(form, W, v, ym, xm, feature_dtype=fd)
+  if impl == "pallas":
+    pallas_attention.log_fallback(
+        "causal" if is_causal else "fused=False" if not fused
+        else f"component {spec.name!r} has no positive log-linear form")
   guard = not spec.positive
+  if is_causal and spec.log_linear is None and spec.log_features is None:
+    if not spec.causal_features:
+      from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
+      raise ValueError(
+          f"Component {spec.name!r} has no causal form (its features use statistics of the "
+          "whole sequence or a stabiliser shared across keys); causal attention takes one of "
+          f"{[c for c in registry.component_names() if registry.supports_causal(c)]}.")
+    phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
+    return causal_linear_attention(_f32(phi_q), _f32(phi_k), _f32(v), chunk_size, mask=ym,
+                                   q_mask=xm, eps=eps, guard=guard, precision=precision)
   if is_causal:
     lq, lk, sq, sk = _log_features(spec, x, y, W, xm, ym, params)
     return causal_log_attention(lq, lk, _f32(v), sq, sk, chunk_size, mask=ym, q_mask=xm,
@@ -682,7 +698,8 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
 
 def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=None,
                  is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 eps: float = DEFAULT_EPS, precision=None, fused: bool = True):
+                 eps: float = DEFAULT_EPS, precision=None, fused: bool = True,
+                 implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION):
   """Random-feature attention, Flax layout: the pure core of the layers.
 
   Args:
@@ -705,6 +722,10 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       TrigRF, materialises float32 features and calls ``linear_attention``; causal attention
       always runs ``causal_log_attention`` on float32 log-features.  Both compute the same
       function.
+    implementation: the fused path's backend: ``"pallas"`` (``pallas_attention``: Pallas
+      kernels, feature maps only as on-chip tiles; interpret mode off GPU), ``"xla"``
+      (``fused.positive_rf_attention``) or ``"auto"`` (pallas on GPU, xla elsewhere).  Where
+      the fused path does not apply, pallas falls back to xla and says so once in the log.
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the
@@ -719,7 +740,7 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
   out = rf_attention_heads(_to_heads(q), _to_heads(k), _to_heads(v), W, component=component,
                            params=params, kv_mask=hm(kv_mask), q_mask=hm(q_mask),
                            is_causal=is_causal, chunk_size=chunk_size, eps=eps,
-                           precision=precision, fused=fused)
+                           precision=precision, fused=fused, implementation=implementation)
   return _to_heads(out).astype(q.dtype)
 
 
@@ -766,7 +787,9 @@ def make_attention_fn(component: str, weight: str, num_features: int, *,
                       key: Optional[Array] = None, seed: int = 0, W: Optional[Array] = None,
                       weight_kwargs: Optional[dict] = None, component_params: Any = None,
                       is_causal: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      eps: float = DEFAULT_EPS) -> Callable[..., Array]:
+                      eps: float = DEFAULT_EPS,
+                      implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION,
+                      ) -> Callable[..., Array]:
   """Returns an ``attention_fn`` for Flax's stock attention layers.
 
   ``flax.linen.MultiHeadDotProductAttention(attention_fn=fn)`` and
@@ -786,8 +809,10 @@ def make_attention_fn(component: str, weight: str, num_features: int, *,
     ``is_causal``, the factory's or nnx's call argument). Use the package's layers with
     ``kv_mask`` to keep memory linear.
   * dropout: key dropout on the values (module doc) when ``deterministic`` is False.
+  * implementation: ``"auto" | "pallas" | "xla"``, as in ``rf_attention``.
   """
   from spectraformer_jax import registry
+  pallas_attention.resolve_implementation(implementation)  # validates early
   comp, spec = registry.check_pair(component, weight)
   if not isinstance(num_features, (int, np.integer)) or num_features < 1:
     raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
@@ -831,7 +856,7 @@ def make_attention_fn(component: str, weight: str, num_features: int, *,
                                 value.ndim - 3))
     out = rf_attention_heads(q, k, v, w, component=comp, params=cp, kv_mask=kvm, q_mask=qm,
                              is_causal=causal, chunk_size=chunk_size, eps=eps,
-                             precision=precision)
+                             precision=precision, implementation=implementation)
     out_dtype = dtype if dtype is not None else query.dtype
     return _to_heads(out).astype(out_dtype)
 

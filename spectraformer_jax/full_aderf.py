@@ -87,9 +87,13 @@ def _side(x, s, q, scale, b):
   return xt, -0.5 * jnp.sum(coords * coords, -1)
 
 
-def aderf_full_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> C.LogLinear:
-  """Full ADERF's log-features of both sides as a ``components.LogLinear`` (module doc)."""
+def aderf_full_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None,
+                          causal=False) -> C.LogLinear:
+  """Full ADERF's log-features of both sides as a ``components.LogLinear`` (module doc); PosRF's
+  (``S = Q = I``, ``psi = 1``, ``a = 0``: neutral statistics) when ``causal``."""
   del params
+  if causal:
+    return C.posrf_log_linear(x, y, w, causal=True)
   s, s_inv, q, psi, a = full_aderf_params(x, y, x_mask, y_mask)
   b = jnp.sqrt(1.0 - 4.0 * a)
   xq, row_q = _side(x, s, q, psi, b)
@@ -100,8 +104,9 @@ def aderf_full_log_linear(x, y, w, *, x_mask=None, y_mask=None, params=None) -> 
   return C.LogLinear(xq, xk, col, row_q, row_k)
 
 
-def aderf_full_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True):
+def aderf_full_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=True,
+                        causal=False):
   """Pair full-ADERF features (registry contract), float32 ``[..., n, m]`` / ``[..., l, m]``;
   positive, unbiased given the statistics."""
   return C._positive_features(  # pylint: disable=protected-access
-      aderf_full_log_linear, x, y, w, x_mask, y_mask, params, stabilize)
+      aderf_full_log_linear, x, y, w, x_mask, y_mask, params, stabilize, causal)

@@ -10,7 +10,8 @@ through the same layer, so a model switches by config), ``component``, ``weight`
 heads of a layer), ``weight_kwargs``, ``redraw`` ("never" | "always"), ``is_causal``,
 ``chunk_size`` (causal prefix sums), ``eps`` (normaliser guard), ``kv_mask_is_prefix`` (flash),
 ``fused`` (default True: positive components recompute their feature maps in the backward pass
-instead of storing them, see ``attention.rf_attention``),
+instead of storing them, see ``attention.rf_attention``), ``implementation`` ("auto" | "pallas" |
+"xla": the fused path's backend, see ``attention.rf_attention``),
 and call arguments ``kv_mask [batch..., kv_len]`` / ``q_mask [batch..., q_len]`` (linear memory).
 In self-attention ``q_mask`` defaults to ``kv_mask``, so statistics see real tokens only and
 outputs at padded positions are zeros.
@@ -53,6 +54,7 @@ from flax import linen as nn
 from flax import nnx
 
 from spectraformer_jax import attention as attn
+from spectraformer_jax import pallas_attention
 from spectraformer_jax import registry
 
 ATTENTION_CHOICES = ("spectraformer", "softmax", "flash")
@@ -117,7 +119,8 @@ def _check_dense_mask(mask, batch, q_len, kv_len):
 
 def _attend(query, key, value, *, attention, comp, W, cparams, dense_mask, kv_mask, q_mask,
             is_causal, chunk_size, eps, precision, kv_mask_is_prefix, dropout_rng,
-            dropout_rate, broadcast_dropout, deterministic, out_dtype, fused=True):
+            dropout_rate, broadcast_dropout, deterministic, out_dtype, fused=True,
+            implementation=pallas_attention.DEFAULT_IMPLEMENTATION):
   """Attention on projected ``[batch..., len, heads, head_dim]`` arrays (all three modes)."""
   n_batch = query.ndim - 3
   if not deterministic and dropout_rate > 0.0:
@@ -132,7 +135,7 @@ def _attend(query, key, value, *, attention, comp, W, cparams, dense_mask, kv_ma
     out = attn.rf_attention_heads(
         attn._to_heads(query), attn._to_heads(key), attn._to_heads(value), W, component=comp,
         params=cparams, kv_mask=kvm, q_mask=qm, is_causal=is_causal, chunk_size=chunk_size,
-        eps=eps, precision=precision, fused=fused)
+        eps=eps, precision=precision, fused=fused, implementation=implementation)
     out = attn._to_heads(out)
   elif dense_mask is None:
     if attention == "softmax":
@@ -252,6 +255,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
   eps: float = attn.DEFAULT_EPS
   kv_mask_is_prefix: Optional[bool] = None
   fused: bool = True
+  implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION
 
   def _init_key(self):
     if self.has_rng(FEATURES_STREAM):
@@ -338,7 +342,8 @@ class RFMultiHeadDotProductAttention(nn.Module):
                 chunk_size=self.chunk_size, eps=self.eps, precision=self.precision,
                 kv_mask_is_prefix=self.kv_mask_is_prefix, dropout_rng=dropout_rng,
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
-                deterministic=m_det, out_dtype=self.dtype or query.dtype, fused=self.fused)
+                deterministic=m_det, out_dtype=self.dtype or query.dtype, fused=self.fused,
+                implementation=self.implementation)
     return nn.DenseGeneral(
         features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
         bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
@@ -428,7 +433,8 @@ class RFMultiHeadAttention(nnx.Module):
                weight_kwargs: Optional[dict] = None, redraw: str = "never",
                is_causal: bool = False, chunk_size: int = attn.DEFAULT_CHUNK_SIZE,
                eps: float = attn.DEFAULT_EPS, kv_mask_is_prefix: Optional[bool] = None,
-               fused: bool = True):
+               fused: bool = True,
+               implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION):
     if decode:
       raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
                                 "is_causal=True for causal attention.")
@@ -452,6 +458,7 @@ class RFMultiHeadAttention(nnx.Module):
     self.weight_kwargs = tuple(sorted(dict(weight_kwargs or {}).items()))
     self.redraw, self.is_causal, self.chunk_size = redraw, is_causal, chunk_size
     self.eps, self.kv_mask_is_prefix, self.fused = eps, kv_mask_is_prefix, fused
+    self.implementation = implementation
     self.head_dim = self.qkv_features // self.num_heads
 
     lin = lambda fin, nh: nnx.LinearGeneral(
@@ -600,7 +607,8 @@ class RFMultiHeadAttention(nnx.Module):
                 chunk_size=self.chunk_size, eps=self.eps, precision=self.precision,
                 kv_mask_is_prefix=self.kv_mask_is_prefix, dropout_rng=dropout_rng,
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
-                deterministic=det, out_dtype=self.dtype or query.dtype, fused=self.fused)
+                deterministic=det, out_dtype=self.dtype or query.dtype, fused=self.fused,
+                implementation=self.implementation)
     if out_sharding is not None:
       return self.out(x, out_sharding=out_sharding)
     return self.out(x)

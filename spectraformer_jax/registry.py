@@ -82,6 +82,9 @@ class ComponentSpec:
   log_linear: Optional[Callable[..., components.LogLinear]] = None
   log_features: Optional[Callable[..., components.SignedLogFeatures]] = None
   weights: Optional[tuple[str, ...]] = None
+  # True: ``features`` use no statistic of the sequence and no stabiliser shared across keys,
+  # so causal attention may run on them directly (components without log-features).
+  causal_features: bool = False
 
 
 def _fixed(name: str, generator: Callable[..., Any], description: str) -> WeightSpec:
@@ -202,18 +205,18 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "elu": ComponentSpec(
         "elu", feature_maps.elu_features, _same, None, positive=True, unbiased=False,
         description="Deterministic elu(Wx) + 1 (linear transformer), W = identity.",
-        weights=("identity",)),
+        causal_features=True, weights=("identity",)),
     "relu": ComponentSpec(
         "relu", feature_maps.relu_features, _same, None, positive=True, unbiased=False,
         description="relu(Wx)/sqrt(m): deterministic with W = identity, Performer's generalised "
                     "(ReLU-kernel) attention with a random W.",
-        weights=("identity",) + _RANDOM),
+        causal_features=True, weights=("identity",) + _RANDOM),
     "hedgehog": ComponentSpec(
         "hedgehog", feature_maps.hedgehog_features, _double, feature_maps.hedgehog_init_params,
         positive=True, unbiased=False,
         description="Learnable softmax-mimicking map [softmax(W(Ax+b)), softmax(-W(Ax+b))], "
                     "A, b trained with the model (2m features), W = identity.",
-        weights=("identity",)),
+        causal_features=True, weights=("identity",)),
 }
 
 # (component, weight) pairs that make no sense -> the reason.  Every estimator component is a
@@ -278,6 +281,14 @@ def check_pair(component: str, weight: str) -> tuple[ComponentSpec, WeightSpec]:
   if reason is not None:
     raise ValueError(f"The combination component={component!r}, weight={weight!r} is refused: {reason}")
   return comp, spec
+
+
+def supports_causal(name: str) -> bool:
+  """Whether component ``name`` runs in causal attention: it has log-features (positive
+  log-linear or signed) or causal-safe features (``ComponentSpec.causal_features``)."""
+  spec = get_component(name)
+  return (spec.log_linear is not None or spec.log_features is not None
+          or spec.causal_features)
 
 
 def valid_pairs() -> list[tuple[str, str]]:

@@ -143,3 +143,37 @@ def test_bfloat16_gradient_of_gerf_a_matches_float32():
 
   g32, g16 = grad_a(jnp.float32), grad_a(jnp.bfloat16)
   assert abs(g16 - g32) <= 2e-2 * abs(g32) + 1e-3, (g16, g32)
+
+
+@pytest.mark.parametrize("component", POSITIVE)
+def test_pallas_implementation_equals_xla_values_and_gradients(component):
+  """``implementation="pallas"`` (interpret mode off GPU) against ``"xla"``: outputs and the
+  gradients of q, k, v, W and the component parameters, with key and query masks."""
+  q, k, v, w = _inputs()
+  kvm = jnp.arange(L)[None] < jnp.array([[L], [23]])
+  qm = jnp.arange(N)[None] < jnp.array([[N], [30]])
+  comp = registry.get_component(component)
+  params = comp.init_params(jax.random.key(5), D) if comp.init_params else None
+  probe = jax.random.normal(jax.random.key(9), (B, N, H, D))
+
+  def loss(q, k, v, w, params, implementation):
+    out = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
+                         q_mask=qm, implementation=implementation)
+    return jnp.sum(jnp.tanh(out) * probe)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+  with jax.default_matmul_precision("highest"):
+    g_p, g_x = grad(q, k, v, w, params, "pallas"), grad(q, k, v, w, params, "xla")
+  for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x)):
+    assert _rel(a, b) < 1e-4
+
+
+def test_pallas_falls_back_to_xla_for_trigrf_and_causal(caplog):
+  q, k, v, w = _inputs()
+  ref = A.rf_attention(q, k, v, w, component="trigrf", implementation="xla")
+  with caplog.at_level("WARNING"):
+    out = A.rf_attention(q, k, v, w, component="trigrf", implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  assert "trigrf" in caplog.text
+  with pytest.raises(ValueError, match="'auto', 'pallas', 'xla'"):
+    A.rf_attention(q, k, v, w, component="posrf", implementation="triton")

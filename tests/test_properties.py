@@ -14,6 +14,8 @@ from spectraformer_jax import stats
 from spectraformer_jax import weights
 
 COMPONENTS = registry.component_names()
+CAUSAL = [c for c in COMPONENTS if registry.supports_causal(c)]
+MODES = [(c, False) for c in COMPONENTS] + [(c, True) for c in CAUSAL]
 H, D, M, CHUNK = 2, 8, 16, 8
 REAL = 20  # real tokens; padded to 32 and to 48
 
@@ -52,8 +54,7 @@ def _padded(x, n, fill_seed):
   return jnp.concatenate([x[:, :REAL], garbage], axis=1)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component, causal", MODES)
 def test_padding_invariance_pure_function(component, causal):
   f = _attend(component, causal)
   q, k, v = _qkv(0, REAL)
@@ -76,8 +77,10 @@ def test_padding_invariance_pure_function(component, causal):
 def test_padding_invariance_linen_layer_with_kv_mask_only(component, causal):
   # The LRA models used to pass only kv_mask: in self-attention the layer must still keep
   # padded queries out of every statistic (the stabilisers are covered in both modes above).
+  weight = "orf" if ("orf" in (registry.get_component(component).weights or ("orf",))) else (
+      registry.get_component(component).weights[0])
   layer = L.RFMultiHeadDotProductAttention(num_heads=H, qkv_features=H * D, num_features=M,
-                                           component=component, weight="orf",
+                                           component=component, weight=weight,
                                            is_causal=causal, chunk_size=CHUNK)
   x = jax.random.normal(jax.random.key(0), (1, REAL, H * D))
   variables = layer.init(jax.random.key(1), x)
@@ -97,7 +100,7 @@ def test_padding_invariance_linen_layer_with_kv_mask_only(component, causal):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=component)
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component", CAUSAL)
 def test_causality_outputs_and_gradients_before_t_ignore_token_t(component):
   f = _attend(component, causal=True, jit=True)
   n, t = 24, 11
@@ -133,8 +136,9 @@ def _norm_grid():
   return unit(q) * norms, unit(k) * knorms, v
 
 
-@pytest.mark.parametrize("mode", ["fused", "materialised", "causal"])
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component, mode",
+                         [(c, m) for c in COMPONENTS for m in ("fused", "materialised")]
+                         + [(c, "causal") for c in CAUSAL])
 def test_finite_gradients_and_no_zero_rows_up_to_norm_30(component, mode):
   spec = registry.get_component(component)
   if mode == "fused" and spec.log_linear is None:
@@ -149,6 +153,13 @@ def test_finite_gradients_and_no_zero_rows_up_to_norm_30(component, mode):
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
   real = out[:, :-3]
   assert np.all(np.max(np.abs(real), axis=-1) > 0), "a real query row underflowed to zero"
+
+
+@pytest.mark.parametrize("component", sorted(set(COMPONENTS) - set(CAUSAL)))
+def test_components_without_a_causal_form_are_refused_in_causal_mode(component):
+  q, k, v = _qkv(0, 8)
+  with pytest.raises(ValueError, match=f"{component!r} has no causal form.*posrf"):
+    A.rf_attention(q, k, v, _w(), component=component, is_causal=True)
 
 
 def test_sderf_is_continuous_when_eigenvalues_cross():
