@@ -480,6 +480,21 @@ def _sayer(reporter: progress_lib.ProgressReporter) -> Callable[[str], None]:
   return say
 
 
+def _prepare(config: ml_collections.ConfigDict, task: Any, model_config: models.ModelConfig,
+             datasets: Optional[dict[str, dict]]):
+  """``(reporter, say, datasets, setup)`` of a run: the progress reporter (process 0 only), its
+  message function, the splits of ``config.validation``'s protocol (loaded, or ``datasets``
+  padded to ``config.seq_len``) and the built model/optimiser."""
+  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps,
+                                           enabled=jax.process_index() == 0,
+                                           show_progress=config.progress_bar)
+  datasets = evaluate_lib.protocol_splits(
+      load_datasets(config, task) if datasets is None else
+      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
+      config.validation, config.heldout_fraction)
+  return reporter, _sayer(reporter), datasets, build(config, task, model_config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        datasets: Optional[dict[str, dict]] = None,
                        stop_at_step: Optional[int] = None,
@@ -507,14 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
   is_main = jax.process_index() == 0
   workdir = workdir_lib.prepare(workdir, config)
-  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps, enabled=is_main,
-                                           show_progress=config.progress_bar)
-  say = _sayer(reporter)
-  datasets = evaluate_lib.protocol_splits(
-      load_datasets(config, task) if datasets is None else
-      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
-      config.validation, config.heldout_fraction)
-  setup = build(config, task, model_config)
+  reporter, say, datasets, setup = _prepare(config, task, model_config, datasets)
   results_path = os.path.join(workdir, "results.json")
   with checkpoints_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints, say=say) as latest, \
@@ -729,15 +737,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
   model_config = validate_config(config, task)
   check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")
   candidates = checkpoint_candidates(path)
-  reporter = progress_lib.ProgressReporter(config.task, config.num_train_steps,
-                                           enabled=jax.process_index() == 0,
-                                           show_progress=config.progress_bar)
-  say = _sayer(reporter)
-  datasets = evaluate_lib.protocol_splits(
-      load_datasets(config, task) if datasets is None else
-      {split: _pad_to(arrays, config.seq_len) for split, arrays in datasets.items()},
-      config.validation, config.heldout_fraction)
-  setup = build(config, task, model_config)
+  reporter, say, datasets, setup = _prepare(config, task, model_config, datasets)
   abstract = jax.eval_shape(setup.init_state)
   found, errors = None, []
   for directory, step in candidates:

@@ -35,8 +35,9 @@ def test_every_positive_component_has_the_log_linear_form():
   assert registry.get_component("trigrf").log_linear is None
 
 
-@pytest.mark.parametrize("component", POSITIVE)
-def test_fused_equals_materialised_values_and_gradients(component):
+def _masked_case(component):
+  """``(out, grads) = f(**path)``: outputs and the gradients of q, k, v, W and the component
+  parameters of ``rf_attention`` with key and query masks, under the given path arguments."""
   q, k, v, w = _inputs()
   kvm = jnp.arange(L)[None] < jnp.array([[L], [23]])
   qm = jnp.arange(N)[None] < jnp.array([[N], [30]])
@@ -44,18 +45,24 @@ def test_fused_equals_materialised_values_and_gradients(component):
   params = comp.init_params(jax.random.key(5), D) if comp.init_params else None
   probe = jax.random.normal(jax.random.key(9), (B, N, H, D))
 
-  def loss(q, k, v, w, params, fused_path):
-    out = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
-                         q_mask=qm, fused=fused_path)
-    return jnp.sum(jnp.tanh(out) * probe)
+  def f(**path):
+    def loss(q, k, v, w, params):
+      out = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
+                           q_mask=qm, **path)
+      return jnp.sum(jnp.tanh(out) * probe), out
 
-  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-  with jax.default_matmul_precision("highest"):
-    out_f = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
-                           q_mask=qm)
-    out_m = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
-                           q_mask=qm, fused=False)
-    g_f, g_m = grad(q, k, v, w, params, True), grad(q, k, v, w, params, False)
+    with jax.default_matmul_precision("highest"):
+      grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+          q, k, v, w, params)
+    return out, grads
+
+  return f
+
+
+@pytest.mark.parametrize("component", POSITIVE)
+def test_fused_equals_materialised_values_and_gradients(component):
+  f = _masked_case(component)
+  (out_f, g_f), (out_m, g_m) = f(), f(fused=False)
   assert _rel(out_f, out_m) < 1e-5
   leaves_f, leaves_m = jax.tree.leaves(g_f), jax.tree.leaves(g_m)
   assert len(leaves_f) == len(leaves_m) >= 4
@@ -149,21 +156,9 @@ def test_bfloat16_gradient_of_gerf_a_matches_float32():
 def test_pallas_implementation_equals_xla_values_and_gradients(component):
   """``implementation="pallas"`` (interpret mode off GPU) against ``"xla"``: outputs and the
   gradients of q, k, v, W and the component parameters, with key and query masks."""
-  q, k, v, w = _inputs()
-  kvm = jnp.arange(L)[None] < jnp.array([[L], [23]])
-  qm = jnp.arange(N)[None] < jnp.array([[N], [30]])
-  comp = registry.get_component(component)
-  params = comp.init_params(jax.random.key(5), D) if comp.init_params else None
-  probe = jax.random.normal(jax.random.key(9), (B, N, H, D))
-
-  def loss(q, k, v, w, params, implementation):
-    out = A.rf_attention(q, k, v, w, component=component, params=params, kv_mask=kvm,
-                         q_mask=qm, implementation=implementation)
-    return jnp.sum(jnp.tanh(out) * probe)
-
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
-  with jax.default_matmul_precision("highest"):
-    g_p, g_x = grad(q, k, v, w, params, "pallas"), grad(q, k, v, w, params, "xla")
+  f = _masked_case(component)
+  (out_p, g_p), (out_x, g_x) = f(implementation="pallas"), f(implementation="xla")
+  assert _rel(out_p, out_x) < 1e-5
   for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x)):
     assert _rel(a, b) < 1e-4
 

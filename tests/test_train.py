@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import truncate_checkpoint_data
 from configs import base_listops
 from lra_benchmarks import train_lib
 from lra_benchmarks.training import interrupts
@@ -173,15 +174,6 @@ def test_learning_rate_schedules():
   assert float(rsqrt(40)) == pytest.approx(1e-3 / np.sqrt(40), rel=1e-5)
 
 
-def _truncate_data(step_dir):
-  """Cuts every data file of a checkpoint's state (``.../d/<hash>``) to a third."""
-  for folder, _, files in os.walk(os.path.join(step_dir, "state")):
-    for name in files if os.path.basename(folder) == "d" else ():
-      path = os.path.join(folder, name)
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 3)
-
-
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no noise
 def test_larger_budget_continues_past_a_corrupt_checkpoint_and_results_agree(tmp_path, capsys):
   """A finished 8-step run rerun with 16 steps trains 8 more (here from step 4: the step-8
@@ -190,7 +182,7 @@ def test_larger_budget_continues_past_a_corrupt_checkpoint_and_results_agree(tmp
   workdir = str(tmp_path / "run")
   config = tiny_config(num_train_steps=8, eval_every=4, checkpoint_every=4)
   assert train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)["steps"] == 8
-  _truncate_data(os.path.join(workdir, "checkpoints", "8"))
+  truncate_checkpoint_data(os.path.join(workdir, "checkpoints", "8"))
   capsys.readouterr()
   config.num_train_steps = 16
   results = train_lib.train_and_evaluate(config, workdir, datasets=DATASETS)

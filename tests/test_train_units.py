@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import truncate_checkpoint_data
 from configs import base_listops
 from lra_benchmarks.training import checkpoints, cli, evaluate, interrupts, progress, workdir
 
@@ -32,15 +33,6 @@ def _save_steps(directory, steps):
       store.save(step, {"w": _weights(step)}, {"step": step})
 
 
-def _truncate_data(step_dir):
-  """Cuts every data file of a checkpoint's state (``.../d/<hash>``) to a third."""
-  for folder, _, files in os.walk(os.path.join(step_dir, "state")):
-    for name in files if os.path.basename(folder) == "d" else ():
-      path = os.path.join(folder, name)
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 3)
-
-
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no noise
 @pytest.mark.parametrize("damage", ["truncate_data", "empty_metadata"])
 def test_unreadable_latest_checkpoint_falls_back_with_one_line(tmp_path, damage):
@@ -48,7 +40,7 @@ def test_unreadable_latest_checkpoint_falls_back_with_one_line(tmp_path, damage)
   _save_steps(directory, [8, 16])
   latest = os.path.join(directory, "16")
   if damage == "truncate_data":
-    _truncate_data(latest)
+    truncate_checkpoint_data(latest)
   else:
     open(os.path.join(latest, "state", "_METADATA"), "w").close()
   lines = []
