@@ -475,18 +475,34 @@ def _check_qkv(q, k, v):
                      f"{k.shape[-2]}.")
 
 
+def broadcast_mask(mask, batch: tuple[int, ...], length: int, name: str):
+  """A padding mask ``bool[batch..., length]`` (True = real token) from one given as any shape
+  that broadcasts to it (``[length]``, ``[1, length]``, ``[batch..., length]``); None stays None.
+
+  Raises a ValueError naming the expected shape when ``mask`` does not broadcast to it.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  full = tuple(batch) + (length,)
+  fits = 1 <= mask.ndim <= len(full) and mask.shape[-1] == length
+  if fits:
+    try:
+      fits = jnp.broadcast_shapes(mask.shape, full) == full
+    except ValueError:
+      fits = False
+  if not fits:
+    raise ValueError(f"{name} must have shape {full} (True = real token) or broadcast to it, "
+                     f"e.g. ({length},) or (1, {length}); got {tuple(mask.shape)}.")
+  return jnp.broadcast_to(mask.astype(bool), full)
+
+
 def _flax_masks(q, k, kv_mask, q_mask):
-  """Validates ``[batch..., len]`` masks for Flax-layout q/k."""
+  """Validates the padding masks of Flax-layout q/k and broadcasts them to ``kv_mask
+  bool[batch..., kv_len]`` and ``q_mask bool[batch..., q_len]`` (``broadcast_mask``)."""
   batch = tuple(q.shape[:-3])
-  kv_mask = _check_mask(kv_mask, k.shape[-3], "kv_mask", batch)
-  q_mask = _check_mask(q_mask, q.shape[-3], "q_mask", batch)
-  if kv_mask is not None and kv_mask.ndim - 1 > len(batch):
-    raise ValueError(f"kv_mask must be [batch..., kv_len] = {batch + (k.shape[-3],)}, got "
-                     f"{tuple(kv_mask.shape)}.")
-  if q_mask is not None and q_mask.ndim - 1 > len(batch):
-    raise ValueError(f"q_mask must be [batch..., q_len] = {batch + (q.shape[-3],)}, got "
-                     f"{tuple(q_mask.shape)}.")
-  return kv_mask, q_mask
+  return (broadcast_mask(kv_mask, batch, k.shape[-3], "kv_mask"),
+          broadcast_mask(q_mask, batch, q.shape[-3], "q_mask"))
 
 
 def masked_softmax_attention(q, k, v, allowed, *, precision=None):

@@ -95,16 +95,6 @@ def _validate(attention: str, redraw: str, num_features: Any, num_heads: int,
   return comp, spec
 
 
-def _check_flax_mask(name, m, expected):
-  if m is None:
-    return None
-  m = jnp.asarray(m)
-  if tuple(m.shape) != tuple(expected):
-    raise ValueError(f"{name} must have shape {tuple(expected)} ([batch..., len], True = real "
-                     f"token), got {tuple(m.shape)}.")
-  return m.astype(bool)
-
-
 def _check_dense_mask(mask, batch, q_len, kv_len):
   if mask is None:
     return None
@@ -305,9 +295,9 @@ class RFMultiHeadDotProductAttention(nn.Module):
                            qkv_features, self.component, self.weight, self.chunk_size)
     head_dim = qkv_features // self.num_heads
     batch = tuple(inputs_q.shape[:-2])
-    kv_mask = _check_flax_mask("kv_mask", kv_mask, inputs_k.shape[:-1])
-    q_mask = _self_attention_q_mask(_check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1]),
-                                    kv_mask, self_attention)
+    kv_mask = attn.broadcast_mask(kv_mask, inputs_k.shape[:-2], inputs_k.shape[-2], "kv_mask")
+    q_mask = _self_attention_q_mask(
+        attn.broadcast_mask(q_mask, batch, inputs_q.shape[-2], "q_mask"), kv_mask, self_attention)
     mask = _check_dense_mask(mask, batch, inputs_q.shape[-2], inputs_k.shape[-2])
     if self.is_causal and inputs_q.shape[-2] != inputs_k.shape[-2]:
       raise ValueError(f"is_causal needs q_len == kv_len, got {inputs_q.shape[-2]} and "
@@ -566,9 +556,9 @@ class RFMultiHeadAttention(nnx.Module):
                        f"expects {self.in_features}.")
     causal = self.is_causal if is_causal is None else bool(is_causal)
     batch = tuple(inputs_q.shape[:-2])
-    kv_mask = _check_flax_mask("kv_mask", kv_mask, inputs_k.shape[:-1])
-    q_mask = _self_attention_q_mask(_check_flax_mask("q_mask", q_mask, inputs_q.shape[:-1]),
-                                    kv_mask, self_attention)
+    kv_mask = attn.broadcast_mask(kv_mask, inputs_k.shape[:-2], inputs_k.shape[-2], "kv_mask")
+    q_mask = _self_attention_q_mask(
+        attn.broadcast_mask(q_mask, batch, inputs_q.shape[-2], "q_mask"), kv_mask, self_attention)
     mask = _check_dense_mask(mask, batch, inputs_q.shape[-2], inputs_k.shape[-2])
     if causal and inputs_q.shape[-2] != inputs_k.shape[-2]:
       raise ValueError(f"is_causal needs q_len == kv_len, got {inputs_q.shape[-2]} and "
