@@ -276,8 +276,9 @@ class RFMultiHeadDotProductAttention(nn.Module):
                kv_mask=None, q_mask=None, deterministic=None, dropout_rng=None,
                sow_weights: bool = False):
     """Same call as Flax's layer plus ``kv_mask [batch..., kv_len]`` and
-    ``q_mask [batch..., q_len]`` (bool, True = real token).  ``sow_weights`` is accepted and
-    ignored (there is no attention matrix)."""
+    ``q_mask [batch..., q_len]`` (bool, True = real token; any shape that broadcasts, e.g. one
+    ``[kv_len]`` mask for every row).  ``sow_weights`` is accepted and ignored (there is no
+    attention matrix)."""
     del sow_weights
     self_attention = inputs_kv is None and (inputs_k is None or inputs_k is inputs_q)
     if inputs_kv is not None:
@@ -535,7 +536,8 @@ class RFMultiHeadAttention(nnx.Module):
                q_mask=None, deterministic: Optional[bool] = None, rngs=None,
                sow_weights: bool = False, decode: Optional[bool] = None,
                is_causal: Optional[bool] = None, out_sharding=None, qkv_sharding=None):
-    """Same call as ``flax.nnx.MultiHeadAttention`` plus ``kv_mask``/``q_mask``.  ``is_causal``
+    """Same call as ``flax.nnx.MultiHeadAttention`` plus ``kv_mask``/``q_mask`` (as in
+    ``RFMultiHeadDotProductAttention``: ``[batch..., len]`` or broadcasting to it).  ``is_causal``
     defaults to the constructor's; ``rngs`` (an ``nnx.Rngs``) feeds dropout and, with
     ``redraw='always'``, its ``features`` stream."""
     del sow_weights

@@ -1,4 +1,5 @@
-"""Tests of the public API (``import spectraformer_jax as sfj``) and of padding-mask broadcasting."""
+"""Tests of the public API (``import spectraformer_jax as sfj``) and of padding-mask
+broadcasting."""
 
 import inspect
 import pathlib

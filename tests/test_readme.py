@@ -45,7 +45,8 @@ def test_readme_blocks_parse_and_not_run_marks_sit_above_a_block():
 
 
 def test_readme_blocks_parser_on_a_small_text():
-  text = "a\n```python\nx = 1\n```\n<!-- not-run: slow -->\n```python\ny = 2\n```\n```bash\nls\n```\n"
+  text = ("a\n```python\nx = 1\n```\n<!-- not-run: slow -->\n```python\ny = 2\n```\n"
+          "```bash\nls\n```\n")
   assert readme_blocks(text) == [Block(3, "x = 1\n", None), Block(7, "y = 2\n", "slow")]
 
 
