@@ -724,7 +724,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     W: ``float32[num_features, head_dim]`` (one matrix shared by all heads).
     component: a component name (``registry.get_component``) or a ``ComponentSpec``.
     params: learnable component parameters (``spec.init_params``), or None.
-    kv_mask: ``bool[batch..., kv_len]``; q_mask: ``bool[batch..., q_len]`` (True = real).
+    kv_mask: ``bool[batch..., kv_len]``; q_mask: ``bool[batch..., q_len]`` (True = real; any
+      shape that broadcasts, e.g. one ``[len]`` mask for the batch).
     is_causal: causal attention (``causal_log_attention``; needs q_len == kv_len);
       data-dependent statistics take their neutral values (``components`` module doc).
     chunk_size: chunk length of the causal prefix sums.

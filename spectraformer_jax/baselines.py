@@ -92,13 +92,9 @@ def _check(q, k, v, mask):
     raise ValueError("Baselines are self-attention on q, k, v [batch, n, heads, head_dim] of one "
                      f"length, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
   b, n = q.shape[:2]
-  if mask is None:
-    mask = jnp.ones((b, n), bool)
-  mask = jnp.asarray(mask)
-  if mask.shape != (b, n):
-    raise ValueError(f"mask must be bool[batch, n] = {(b, n)}, got {tuple(mask.shape)}.")
+  mask = jnp.ones((b, n), bool) if mask is None else attn.broadcast_mask(mask, (b,), n, "mask")
   h = lambda t: attn._to_heads(_f32(t))  # pylint: disable=protected-access
-  return h(q), h(k), h(v), mask.astype(bool)
+  return h(q), h(k), h(v), mask
 
 
 def _out(out, mask):
