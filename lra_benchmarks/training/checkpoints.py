@@ -10,12 +10,11 @@ and the next newest one is tried.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shutil
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
 
@@ -44,22 +43,21 @@ def short_error(error: BaseException, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def _quiet_closed_event_loops() -> Iterator[None]:
-  """Drops the ``RuntimeError: Event loop is closed`` that TensorStore callbacks of a failed
-  orbax read raise after orbax closed its event loop (dozens of tracebacks of no use); every
-  other unraisable exception still goes to the previous hook."""
+def _drop_closed_event_loop_errors() -> None:
+  """Drops, from now on, the ``RuntimeError: Event loop is closed`` that TensorStore callbacks
+  of a failed orbax read raise after orbax closed its event loop (dozens of tracebacks of no
+  use, arriving from other threads at any later time, so the filter stays installed); every
+  other unraisable exception still goes to the previous hook.  Installed once per hook."""
   previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_event_loops", False):
+    return
 
   def hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and "Event loop is closed" in str(unraisable.exc_value)):
       previous(unraisable)
+  hook.drops_closed_event_loops = True
   sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous
 
 
 class CheckpointStore:
@@ -117,12 +115,12 @@ class CheckpointStore:
     tried = []
     for step in reversed(self.steps()):
       try:
-        with _quiet_closed_event_loops():
-          try:
-            state, meta = self.restore(step, abstract_state)
-          except Exception:
-            gc.collect()  # a failed read's leftovers complain now, into the filter
-            raise
+        try:
+          state, meta = self.restore(step, abstract_state)
+        except Exception:
+          _drop_closed_event_loop_errors()
+          gc.collect()  # a failed read's leftovers complain now, into the filter
+          raise
         if verify is not None:
           verify(step, state, meta)
       except Exception as e:  # pylint: disable=broad-except
