@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lra_benchmarks import study
 from lra_benchmarks.training import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +112,44 @@ def test_two_processes_train_write_once_and_resume_together(tmp_path, listops_di
     results = json.load(f)
   assert (results["steps"], results["devices"]) == (9, 2)
   assert _train_steps(workdir) == list(range(1, 10))
+
+
+def test_device_slots_start_round_robin():
+  assert study.device_slots(["0", "1", "2"], 2) == ["0", "1", "2", "0", "1", "2"]
+  with pytest.raises(ValueError, match="no devices"):
+    study.device_slots([], 1)
+
+
+def test_per_device_placement_gives_each_run_a_device_of_its_own(tmp_path):
+  """Five runs on two "GPUs", one at a time on each: a fake trainer that holds its device
+  (a lock directory) while it runs fails if it finds the device taken; every run finishes,
+  both devices are used, and each run saw exactly one device."""
+  fake = tmp_path / "fake_python"
+  locks = tmp_path / "locks"
+  locks.mkdir()
+  fake.write_text(
+      "#!/bin/sh\n"
+      f"mkdir {locks}/gpu$CUDA_VISIBLE_DEVICES || exit 7\n"
+      "for a in \"$@\"; do case $a in --workdir=*) w=${a#--workdir=};; esac; done\n"
+      "sleep 0.3\n"
+      "printf '{\"test_accuracy\": 0.5, \"device\": \"%s\"}' \"$CUDA_VISIBLE_DEVICES\" "
+      "> $w/results.json\n"
+      f"rmdir {locks}/gpu$CUDA_VISIBLE_DEVICES\n")
+  fake.chmod(0o755)
+  runs = study.make_runs(["listops"], ["softmax", "flash", "posrf-orf"], [0, 1], [],
+                         {"listops": str(tmp_path / "data")})[:5]
+  root = str(tmp_path / "W")
+  counts = study.run_study(runs, root, python=str(fake), placement=("CUDA_VISIBLE_DEVICES",
+                                                                    ["0", "1"]),
+                           say=lambda _: None)
+  assert counts == {"done": 5, "skipped": 0, "failed": 0, "conflict": 0}
+  devices = []
+  for run in runs:
+    with open(os.path.join(run.workdir(root), "results.json"), encoding="utf-8") as f:
+      devices.append(json.load(f)["device"])
+  assert sorted(set(devices)) == ["0", "1"]
+
+
+def test_per_device_placement_refuses_a_machine_without_gpus(tmp_path):
+  with pytest.raises(ValueError, match="needs GPUs.*devices are cpu: use --placement=shared"):
+    study.detect_devices(sys.executable, {**os.environ, "JAX_PLATFORMS": "cpu"})
