@@ -21,9 +21,10 @@ trainings at once on one accelerator, each limited to ``0.9 / N`` of its memory
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``). With several GPUs, ``--placement=per_device`` gives each
 run one GPU of its own (``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES`` on ROCm), started
 round-robin, ``--concurrent`` runs per GPU; ``--placement=shared`` (the default) lets every run
-use every device (one run sharded over all, the faster choice for few long runs). After every run the reports ``DIR/study.{md,csv,json}`` are
-rewritten from every run found under DIR (so several invocations into one DIR add up), and at the
-end ``DIR/heatmap_<task>.png``; ``lra_benchmarks.study_report`` describes them.
+use every device (one run sharded over all, the faster choice for few long runs). After every
+run the reports ``DIR/study.{md,csv,json}`` are rewritten from every run found under DIR (so
+several invocations into one DIR add up), and at the end ``DIR/heatmap_<task>.png``;
+``lra_benchmarks.study_report`` describes them.
 """
 
 from __future__ import annotations

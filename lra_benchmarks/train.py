@@ -137,7 +137,8 @@ def _start_distributed() -> None:
            if flags.FLAGS[name].present]
   if not distributed.requested(_DISTRIBUTED.value):
     if given:
-      fail(f"{', '.join(given)} only apply to several processes: add --jax_distributed.")
+      fail(f"{', '.join(given)} apply only to a run of several processes: add "
+           "--jax_distributed.")
     return
   try:
     arguments = distributed.initialize_arguments(_COORDINATOR.value, _NUM_PROCESSES.value,
