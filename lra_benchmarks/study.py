@@ -18,9 +18,13 @@ equals the requested one is skipped; an unfinished run resumes from the checkpoi
 (the trainer does that); a folder that holds a different config is left alone and reported. A
 failed run is recorded with the end of its log and the study goes on. ``--concurrent=N`` runs N
 trainings at once on one accelerator, each limited to ``0.9 / N`` of its memory
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``). After every run the reports ``DIR/study.{md,csv,json}`` are
-rewritten from every run found under DIR (so several invocations into one DIR add up), and at the
-end ``DIR/heatmap_<task>.png``; ``lra_benchmarks.study_report`` describes them.
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``). With several GPUs, ``--placement=per_device`` gives each
+run one GPU of its own (``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES`` on ROCm), started
+round-robin, ``--concurrent`` runs per GPU; ``--placement=shared`` (the default) lets every run
+use every device (one run sharded over all, the faster choice for few long runs). After every
+run the reports ``DIR/study.{md,csv,json}`` are rewritten from every run found under DIR (so
+several invocations into one DIR add up), and at the end ``DIR/heatmap_<task>.png``;
+``lra_benchmarks.study_report`` describes them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import datetime
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -51,6 +56,10 @@ IGNORED_CONFIG_KEYS = ("progress_bar", "log_every", "checkpoint_every", "checkpo
                        "keep_checkpoints", "memory_fraction", "resume")
 FORBIDDEN_SET_KEYS = {"seed": "use --seeds", "task": "use --tasks"}
 ERROR_TAIL_LINES = 20
+PLACEMENTS = ("shared", "per_device")
+# The variable that restricts a process to some accelerators, by jax platform (GPUs: by the
+# runtime named in the client's platform version).
+VISIBLE_DEVICES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"}
 
 
 def _study_constants() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -317,6 +326,40 @@ def child_env(concurrent: int, preallocate: bool,
   return env
 
 
+def device_slots(devices: Sequence[str], per_device: int) -> list[str]:
+  """``per_device`` places on each of ``devices``, round-robin: ``[d0, d1, ..., d0, d1, ...]``
+  (so the first ``len(devices)`` runs start on different devices)."""
+  if not devices:
+    raise ValueError("--placement=per_device found no devices to place runs on.")
+  return [d for _ in range(per_device) for d in devices]
+
+
+def detect_devices(python: str, environ: dict[str, str] | None = None) -> tuple[str, list[str]]:
+  """``(variable, ids)``: the visible-devices variable of this machine's accelerators and the
+  ids to give it, one per local device (the entries of that variable when it is already set,
+  else ``0..n-1``). Asks ``python`` in a subprocess so that this process never holds a device.
+
+  Raises ValueError when the accelerators have no such variable (CPU, TPU).
+  """
+  environ = dict(os.environ if environ is None else environ)
+  probe = ("import jax; d = jax.local_devices()[0]; "
+           "print(d.platform, len(jax.local_devices()), d.client.platform_version.lower())")
+  out = subprocess.run([python, "-c", probe], env={**environ,
+                                                   "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+                       capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    raise ValueError(f"--placement=per_device: could not list the devices: {out.stderr[-300:]}")
+  platform, count, version = out.stdout.strip().splitlines()[-1].split(" ", 2)
+  runtime = "rocm" if platform == "gpu" and "rocm" in version else (
+      "cuda" if platform in ("gpu", "cuda") else platform)
+  if runtime not in VISIBLE_DEVICES:
+    raise ValueError(f"--placement=per_device needs GPUs (CUDA or ROCm); this machine's devices "
+                     f"are {platform}: use --placement=shared.")
+  variable = VISIBLE_DEVICES[runtime]
+  given = [d for d in environ.get(variable, "").split(",") if d.strip()]
+  return variable, given[:int(count)] if given else [str(i) for i in range(int(count))]
+
+
 def _write_json(path: str, value: dict) -> None:
   tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -451,8 +494,13 @@ class Progress:
 
 def run_study(runs: Sequence[Run], root: str, *, concurrent: int = 1, preallocate: bool = True,
               python: str = sys.executable, compare: str = "none",
+              placement: tuple[str, Sequence[str]] | None = None,
               say: Callable[[str], None] = print) -> dict[str, int]:
   """Runs what is not finished, ``concurrent`` at a time, and writes the reports.
+
+  ``placement``: None (every run sees every device), or ``(variable, ids)``: one run per
+  device, ``concurrent`` per device, each with ``variable`` set to its device's id (see
+  ``detect_devices``).
 
   Returns counts ``{"done", "skipped", "failed", "conflict"}`` (skipped: finished earlier).
   """
@@ -467,7 +515,8 @@ def run_study(runs: Sequence[Run], root: str, *, concurrent: int = 1, preallocat
   say(f"Study in {root}: {len(runs)} runs, {len(todo)} to train "
       f"({sum(states[r][0] == 'resume' for r in todo)} resuming), "
       f"{sum(states[r][0] == 'done' for r in runs)} finished earlier, "
-      f"{sum(states[r][0] == 'conflict' for r in runs)} in conflict; concurrent={concurrent}.")
+      f"{sum(states[r][0] == 'conflict' for r in runs)} in conflict; concurrent={concurrent}"
+      + (f" per device, devices {placement[0]}={','.join(placement[1])}." if placement else "."))
   progress = Progress(len(runs), len(todo), concurrent, say)
   for run in runs:
     state, detail = states[run]
@@ -487,13 +536,26 @@ def run_study(runs: Sequence[Run], root: str, *, concurrent: int = 1, preallocat
                                weights=weights, say=say)
 
   env = child_env(concurrent, preallocate)
+  slots: queue.Queue[str] = queue.Queue()
+  for slot in device_slots(placement[1], concurrent) if placement else ():
+    slots.put(slot)
+
+  def place_and_execute(run: Run) -> dict[str, Any]:
+    if placement is None:
+      return execute(run, root, configs[run], python=python, env=env, children=children)
+    device = slots.get()
+    try:
+      return execute(run, root, configs[run], python=python, env={**env, placement[0]: device},
+                     children=children)
+    finally:
+      slots.put(device)
+
   children = _Children()
   in_main = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
   try:
-    with ThreadPoolExecutor(concurrent) as pool:
-      futures = {pool.submit(execute, run, root, configs[run], python=python, env=env,
-                             children=children): run for run in todo}
+    with ThreadPoolExecutor(slots.qsize() if placement else concurrent) as pool:
+      futures = {pool.submit(place_and_execute, run): run for run in todo}
       try:
         for future in as_completed(futures):
           run = futures[future]
@@ -538,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--preallocate", default=True, action=argparse.BooleanOptionalAction,
                  help="with --concurrent > 1: reserve each run's memory share at start "
                  "(--no-preallocate: allocate on demand up to the share)")
+  p.add_argument("--placement", default="shared", choices=PLACEMENTS,
+                 help="shared: every run uses every device of the host (sharded); per_device: "
+                 "one run per GPU (CUDA_VISIBLE_DEVICES), --concurrent runs on each")
   p.add_argument("--data_dir", action="append", default=[], metavar="TASK:PATH",
                  help="data folder of a task (repeatable)")
   p.add_argument("--compare", default="none", choices=study_report.COMPARE_CHOICES,
@@ -567,8 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         state, detail = run_state(run.workdir(root), resolve_config(run))
         print(f"{run.name}: {state} {detail}\n  {' '.join(run.command(root, args.python))}")
       return 0
+    placement = (detect_devices(args.python) if args.placement == "per_device" else None)
     counts = run_study(runs, root, concurrent=args.concurrent, preallocate=args.preallocate,
-                       python=args.python, compare=args.compare)
+                       python=args.python, compare=args.compare, placement=placement)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

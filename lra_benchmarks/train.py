@@ -7,7 +7,9 @@ r"""Trains and evaluates an LRA model with any attention.
 The config is locked: overriding a field that does not exist is an error. A run in a ``workdir``
 that holds checkpoints of the same config resumes from the newest readable one; Ctrl-C or
 SIGTERM saves a checkpoint first. Results go to ``DIR/results.json``. ``--help`` lists the
-config fields. For several hosts, pass ``--jax_distributed``.
+config fields. For several processes (hosts, or one per GPU), pass ``--jax_distributed``
+(and ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` where JAX cannot
+detect them); process 0 writes the logs and results.
 """
 
 import json
@@ -46,9 +48,19 @@ _MEMORY = flags.DEFINE_string(
     "memory_fraction", None, "Device memory for this process: 'auto' (allocate on demand, for "
     "several runs on one GPU) or a fraction such as 0.3. Default: config.memory_fraction.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+    "jax_distributed", False, "Run as one of several processes (hosts, or one process per GPU): "
+    "call jax.distributed.initialize() first. Implied when JAX_COORDINATOR_ADDRESS is set.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (with --jax_distributed). Default: "
+    "JAX_COORDINATOR_ADDRESS, else detected by JAX (Cloud TPU, Slurm, Open MPI, Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --jax_distributed). Default: "
+    "JAX_NUM_PROCESSES, else detected by JAX.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in 0..num_processes-1 (with --jax_distributed). "
+    "Default: JAX_PROCESS_ID, else detected by JAX.", lower_bound=0)
 _OWN_FLAGS = ("config", "workdir", "eval_only", "checkpoint", "memory_fraction",
-              "jax_distributed")
+              "jax_distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -117,6 +129,25 @@ def _stored_config(path: str):
   return None
 
 
+def _start_distributed() -> None:
+  """``jax.distributed.initialize`` when asked (flag or environment); a usage error (exit 2)
+  for incomplete or contradictory settings, and for process flags without ``--jax_distributed``."""
+  from lra_benchmarks.training import distributed
+  given = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+           if flags.FLAGS[name].present]
+  if not distributed.requested(_DISTRIBUTED.value):
+    if given:
+      fail(f"{', '.join(given)} apply only to a run of several processes: add "
+           "--jax_distributed.")
+    return
+  try:
+    arguments = distributed.initialize_arguments(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                 _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    fail(str(e))
+  distributed.initialize(arguments)
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
@@ -127,9 +158,8 @@ def main(argv):
                               else config.get("memory_fraction", ""))
   except cli.UsageError as e:
     fail(str(e))
+  _start_distributed()
   import jax  # after the memory settings: the backend reads them when it starts
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
   from lra_benchmarks import data as lra_data
   from lra_benchmarks import train_lib
   from lra_benchmarks.training import checkpoints, interrupts

@@ -76,8 +76,13 @@ class CheckpointStore:
     self._say = say
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max(max_to_keep, 1), create=True,
-                                             enable_async_checkpointing=asynchronous))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(max_to_keep, 1), create=True,
+            enable_async_checkpointing=asynchronous,
+            # Several processes: the stores of one run (checkpoints/, best/) may save the same
+            # step at once, so their barriers need names of their own.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=os.path.basename(self.directory))))
 
   def steps(self) -> list[int]:
     """The saved steps, oldest first."""
