@@ -1,6 +1,6 @@
 """Component functions f: random features phi(x) = f(W x) whose dot products estimate exp(x . y).
 
-Conventions (``design.md`` section 4): ``x`` are queries and ``y`` keys, both already scaled by
+Conventions (the math is in ``docs/estimators.md``): ``x`` are queries and ``y`` keys, both already scaled by
 ``d**-0.25``; ``W`` is float32[m, d] with rows omega (N(0, I_d) marginals unless the weight
 matrix says otherwise).  Every estimator here targets the *softmax* kernel ``exp(x . y)``; the
 Gaussian-kernel estimators of the papers (GERF/OPRF/DERF estimate ``exp(-|x - y|^2 / 2)``) are
@@ -510,7 +510,7 @@ def aderf_features(x, y, w, *, x_mask=None, y_mask=None, params=None, stabilize=
   ``psi, a = stats.aderf_params(x, y)`` (per-coordinate optimum of the pair-averaged log
   second moment over diagonal A, B1, B2).  ``B1 (I-4A)^-1 B2 = I``: positive, unbiased for
   ``exp(x . y)``.  The paper's ADERF allows full matrices ``B1, B2``; this is its diagonal
-  special case (as design.md specifies), of which SADERF is the scalar-A special case.
+  special case, of which SADERF is the scalar-A special case.
   """
   return _positive_features(aderf_log_linear, x, y, w, x_mask, y_mask, params, stabilize,
                             causal)

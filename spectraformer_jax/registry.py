@@ -1,7 +1,7 @@
 """The one table of names -> implementations, with validation and helpful errors.
 
 A random-feature attention is named by a *component function* ``f`` and a *weight
-matrix* ``W`` (``phi(x) = f(W x)``); see ``design.md`` section 3 for the names.
+matrix* ``W`` (``phi(x) = f(W x)``).
 
 Contracts (everything downstream relies on these and nothing else):
 
