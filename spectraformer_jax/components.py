@@ -1,8 +1,8 @@
 """Component functions f: random features phi(x) = f(W x) whose dot products estimate exp(x . y).
 
 Conventions (the math is in ``docs/estimators.md``): ``x`` are queries and ``y`` keys, both
-already scaled by ``d**-0.25``; ``W`` is float32[m, d] with rows omega (N(0, I_d) marginals unless the weight
-matrix says otherwise).  Every estimator here targets the *softmax* kernel ``exp(x . y)``; the
+already scaled by ``d**-0.25``; ``W`` is float32[m, d] with rows omega (N(0, I_d) marginals
+unless the weight matrix says otherwise).  Every estimator here targets the *softmax* kernel ``exp(x . y)``; the
 Gaussian-kernel estimators of the papers (GERF/OPRF/DERF estimate ``exp(-|x - y|^2 / 2)``) are
 turned into softmax-kernel estimators by folding ``exp(|x|^2/2)`` into the query features and
 ``exp(|y|^2/2)`` into the key features.
