@@ -692,7 +692,11 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
         "causal" if is_causal else "fused=False" if not fused
         else f"component {spec.name!r} has no positive log-linear form")
   guard = not spec.positive
-  if is_causal and spec.log_linear is None and spec.log_features is None:
+  if is_causal:
+    if spec.log_linear is not None or spec.log_features is not None:
+      lq, lk, sq, sk = _log_features(spec, x, y, W, xm, ym, params)
+      return causal_log_attention(lq, lk, _f32(v), sq, sk, chunk_size, mask=ym, q_mask=xm,
+                                  eps=eps, guard=guard, precision=precision)
     if not spec.causal_features:
       from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
       raise ValueError(
@@ -702,10 +706,6 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
     phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
     return causal_linear_attention(_f32(phi_q), _f32(phi_k), _f32(v), chunk_size, mask=ym,
                                    q_mask=xm, eps=eps, guard=guard, precision=precision)
-  if is_causal:
-    lq, lk, sq, sk = _log_features(spec, x, y, W, xm, ym, params)
-    return causal_log_attention(lq, lk, _f32(v), sq, sk, chunk_size, mask=ym, q_mask=xm,
-                                eps=eps, guard=guard, precision=precision)
   phi_q, phi_k = spec.features(x, y, W, x_mask=xm, y_mask=ym, params=params)
   phi_q, phi_k = _f32(phi_q), _f32(phi_k)
   return linear_attention(phi_q, phi_k, _f32(v), ym, xm, eps=eps, guard=guard,
