@@ -15,13 +15,13 @@ The public API, in one namespace (``import spectraformer_jax as sfj``):
 Everything else lives in the submodules (``spectraformer_jax.weights``, ``.components``, ...).
 """
 
-from spectraformer_jax.attention import causal_linear_attention
-from spectraformer_jax.attention import causal_log_attention
-from spectraformer_jax.attention import flash_attention
-from spectraformer_jax.attention import linear_attention
 from spectraformer_jax.attention import make_attention_fn
 from spectraformer_jax.attention import rf_attention
-from spectraformer_jax.attention import softmax_attention
+from spectraformer_jax.causal import causal_linear_attention
+from spectraformer_jax.causal import causal_log_attention
+from spectraformer_jax.exact import flash_attention
+from spectraformer_jax.exact import softmax_attention
+from spectraformer_jax.linear import linear_attention
 from spectraformer_jax.baselines import BaselineSelfAttention
 from spectraformer_jax.layers import redraw_random_features
 from spectraformer_jax.layers import redraw_random_features_nnx

@@ -93,13 +93,13 @@ def _check(q, k, v, mask):
                      f"length, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
   b, n = q.shape[:2]
   mask = jnp.ones((b, n), bool) if mask is None else attn.broadcast_mask(mask, (b,), n, "mask")
-  h = lambda t: attn._to_heads(_f32(t))  # pylint: disable=protected-access
+  h = lambda t: attn.to_heads(_f32(t))  # pylint: disable=protected-access
   return h(q), h(k), h(v), mask
 
 
 def _out(out, mask):
   """Head-major ``[b, h, n, dv]`` -> Flax layout, padded queries zeroed."""
-  out = attn._to_heads(out)  # pylint: disable=protected-access
+  out = attn.to_heads(out)  # pylint: disable=protected-access
   return jnp.where(mask[:, :, None, None], out, 0.0)
 
 

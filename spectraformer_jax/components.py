@@ -57,7 +57,7 @@ x^T C1 x)``, ``f2`` likewise with ``B2, C2``, ``D = det(I - 4A)^(1/4)``,
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -123,10 +123,10 @@ def _attend(query, key, value, *, attention, comp, W, cparams, dense_mask, kv_ma
       kvm = dk if kvm is None else (kvm & dk)
       qm = dq if qm is None else (qm & dq)
     out = attn.rf_attention_heads(
-        attn._to_heads(query), attn._to_heads(key), attn._to_heads(value), W, component=comp,
+        attn.to_heads(query), attn.to_heads(key), attn.to_heads(value), W, component=comp,
         params=cparams, kv_mask=kvm, q_mask=qm, is_causal=is_causal, chunk_size=chunk_size,
         eps=eps, precision=precision, fused=fused, implementation=implementation)
-    out = attn._to_heads(out)
+    out = attn.to_heads(out)
   elif dense_mask is None:
     if attention == "softmax":
       out = attn.softmax_attention(query, key, value, kv_mask, q_mask, is_causal,

@@ -37,17 +37,17 @@ def test_linear_attention_matches_quadratic_and_masks():
   v = jax.random.normal(jax.random.key(2), (b, h, n, dv))
   kmask = (jnp.arange(n) < jnp.array([13, 20])[:, None])[:, None, :]
   qmask = (jnp.arange(n) < jnp.array([11, 20])[:, None])[:, None, :]
-  with jax.default_matmul_precision("highest"):
-    out = A.linear_attention(pq, pk, v, kmask, qmask)
-    s = jnp.einsum("...nf,...lf->...nl", pq, pk) * kmask[..., None, :]
-    ref = (s @ v) / s.sum(-1, keepdims=True)
+  hi = jax.lax.Precision.HIGHEST  # GPUs run float32 dots in TF32 by default
+  out = A.linear_attention(pq, pk, v, kmask, qmask, precision=hi)
+  s = jnp.einsum("...nf,...lf->...nl", pq, pk, precision=hi) * kmask[..., None, :]
+  ref = jnp.einsum("...nl,...ld->...nd", s, v, precision=hi) / s.sum(-1, keepdims=True)
   ref = jnp.where(qmask[..., None], ref, 0)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(out[0, :, 11:]).max()) == 0.0  # masked queries give zeros
   # garbage (even NaN) at masked keys changes nothing
   v_bad = v.at[0, :, 13:].set(jnp.nan)
   pk_bad = pk.at[0, :, 13:].set(1e3)
-  np.testing.assert_allclose(A.linear_attention(pq, pk_bad, v_bad, kmask, qmask), out,
+  np.testing.assert_allclose(A.linear_attention(pq, pk_bad, v_bad, kmask, qmask, precision=hi), out,
                              rtol=1e-5, atol=1e-6)
 
 

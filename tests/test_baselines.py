@@ -134,7 +134,7 @@ def test_reformer_with_one_chunk_is_softmax_within_buckets():
   rot = jax.random.normal(jax.random.key(2), (1, D, 2))
   out = _jit(B.reformer_attention, chunk_size=N)(q, None, v, mask, rotations=rot)
   keys = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-  bucket = B.lsh_buckets(A._to_heads(q), rot[0])  # [b, h, n]
+  bucket = B.lsh_buckets(A.to_heads(q), rot[0])  # [b, h, n]
   same = (bucket[..., :, None] == bucket[..., None, :]) & mask[:, None, None, :]
   others = same & ~jnp.eye(N, dtype=bool)
   allowed = jnp.where(others.any(-1, keepdims=True), others, same)

@@ -74,9 +74,9 @@ def test_fused_equals_materialised_values_and_gradients(component):
 
 def test_blocks_do_not_change_the_result():
   q, k, v, w = _inputs(1)
-  x, y = A._to_heads(q), A._to_heads(k)
+  x, y = A.to_heads(q), A.to_heads(k)
   form = C.oprf_log_linear(x, y, w)
-  f = lambda form, v, be: fused.positive_rf_attention(form, w, A._to_heads(v), block_elements=be)
+  f = lambda form, v, be: fused.positive_rf_attention(form, w, A.to_heads(v), block_elements=be)
   ref, g_ref = jax.value_and_grad(lambda v: jnp.sum(f(form, v, None) ** 2))(v)
   for block_elements in (1, 3 * L * M):  # one index per block; three (4 = 3 + remainder 1)
     out, g = jax.value_and_grad(lambda v: jnp.sum(f(form, v, block_elements) ** 2))(v)
