@@ -322,8 +322,11 @@ def plot(ranked: Sequence[dict], path: str, validation: Optional[dict]) -> bool:
     ax.scatter([r["error"] for r in points], [r[key] for r in points], s=12)
     for r in points:
       ax.annotate(r["combination"], (r["error"], r[key]), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("relative attention-output error (log)")
+    errors = [r["error"] for r in points]
+    wide = bool(points) and max(errors) > 10 * min(errors)
+    if wide:
+      ax.set_xscale("log")
+    ax.set_xlabel("relative attention-output error" + (" (log)" if wide else ""))
     ax.set_ylabel(label)
     if not points:
       ax.set_title("no measurements", fontsize=8)
