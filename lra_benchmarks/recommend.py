@@ -89,21 +89,21 @@ def warmup_config(task: str, *, steps: int, batch: int, length: int, seed: int,
   return config
 
 
-def warmup_datasets(config: ml_collections.ConfigDict) -> dict[str, dict]:
+def warmup_datasets(config: ml_collections.ConfigDict, examples: int = 0) -> dict[str, dict]:
   """``{"train", "validation", "test"}`` arrays for the warm-up run: the task's splits cropped
-  to ``config.max_length``, the evaluation splits cut to one batch (a random sample: splits are
-  shuffled).  Generated ListOps (no ``data_dir``) is a small seeded set of one epoch
-  (``num_train_steps * batch_size`` expressions) instead of the full 96k."""
+  to ``config.max_length``, the evaluation splits cut to ``max(batch_size, examples)`` rows (a
+  random sample: splits are shuffled).  Generated ListOps (no ``data_dir``) is a small seeded
+  set of one epoch (``num_train_steps * batch_size`` expressions) instead of the full 96k."""
   task = lra_data.get_task(config.task)
-  b = config.batch_size
+  keep = max(config.batch_size, examples)
   options = {}
   if config.task == "listops" and config.data_dir is None:
-    options = {"num_train": config.num_train_steps * b, "num_val": b, "num_test": b,
-               "seed": config.seed, "workers": 1, "progress": False}
+    options = {"num_train": config.num_train_steps * config.batch_size, "num_val": keep,
+               "num_test": keep, "seed": config.seed, "workers": 1, "progress": False}
   out = {}
   for split in ("train", "validation", "test"):
     arrays = task.load(split, data_dir=config.data_dir, max_length=config.max_length, **options)
-    out[split] = arrays if split == "train" else {k: v[:b] for k, v in arrays.items()}
+    out[split] = arrays if split == "train" else {k: v[:keep] for k, v in arrays.items()}
   return out
 
 
@@ -112,7 +112,7 @@ def warmup_projections(config: ml_collections.ConfigDict, workdir: str, examples
   """Trains ``config`` in ``workdir`` (``train_lib.train_and_evaluate``; ``datasets`` default
   ``warmup_datasets``) and returns every layer's q/k/v on ``examples`` validation sequences."""
   from lra_benchmarks import train_lib  # pylint: disable=import-outside-toplevel
-  datasets = warmup_datasets(config) if datasets is None else datasets
+  datasets = warmup_datasets(config, examples) if datasets is None else datasets
   train_lib.train_and_evaluate(config, workdir, datasets=datasets)
   validation = {k: v[:examples] for k, v in datasets["validation"].items()}
   return approximation.checkpoint_inputs(workdir, max_batch=examples, arrays=validation)
