@@ -163,6 +163,15 @@ def approximation_errors(layers: Layers, pairs: Sequence[tuple[str, str]], *, m:
 # ----------------------------------------------------------------------------- speed
 
 
+def _speed_entry(row: dict) -> dict[str, Any]:
+  """``{"ms_per_step", "memory_mib", "memory_source"}`` of one timed ``benchmarks.speed`` step
+  row (memory: fresh-process peak, else static, ``speed.step_memory_bytes``)."""
+  memory, source = speed.step_memory_bytes(row)
+  return {"ms_per_step": row["median_ms"],
+          "memory_mib": None if memory is None else memory / common.MIB,
+          "memory_source": source}
+
+
 def speed_from_json(path: str, task: str) -> dict[str, dict]:
   """``{combination: {"ms_per_step", "memory_mib", "memory_source"}}`` from the step rows of a
   ``benchmarks.speed`` JSON for ``task`` (memory: fresh-process peak, else static)."""
@@ -171,13 +180,8 @@ def speed_from_json(path: str, task: str) -> dict[str, dict]:
                             "python -m lra_benchmarks.benchmarks.speed).")
   with open(path, encoding="utf-8") as f:
     steps = json.load(f).get("steps", [])
-  out = {}
-  for row in steps:
-    if row.get("task") == task and row.get("median_ms") is not None:
-      memory, source = speed.step_memory_bytes(row)
-      out[row["attention"]] = {"ms_per_step": row["median_ms"],
-                               "memory_mib": None if memory is None else memory / common.MIB,
-                               "memory_source": source}
+  out = {row["attention"]: _speed_entry(row) for row in steps
+         if row.get("task") == task and row.get("median_ms") is not None}
   if not out:
     raise ValueError(f"--speed_json={path} has no timed train step of task {task!r}.")
   return out
@@ -193,11 +197,8 @@ def measure_speed(task: str, pairs: Sequence[tuple[str, str]], *, m: int, batch:
   out = {}
   for comp, weight in pairs:
     row = speed.measure_step(task, ("spectraformer", comp, weight), settings)
-    memory, source = speed.step_memory_bytes(row)
     if "median_ms" in row:
-      out[row["attention"]] = {"ms_per_step": row["median_ms"],
-                               "memory_mib": None if memory is None else memory / common.MIB,
-                               "memory_source": source}
+      out[row["attention"]] = _speed_entry(row)
     log(f"[recommend] speed {row['attention']}: "
         + (f"{row['median_ms']:.1f} ms" if "median_ms" in row else row.get("error", "?")[:200]))
   return out

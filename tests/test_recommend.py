@@ -94,6 +94,13 @@ def test_speed_json_and_budget(tmp_path):
     recommend.within_budget(PAIRS, speeds, 1.0)
 
 
+def test_measure_speed_times_a_train_step():
+  speeds = recommend.measure_speed("listops", [("posrf", "orf")], m=4, batch=2, length=16)
+  assert speeds["posrf-orf"]["ms_per_step"] > 0
+  assert speeds["posrf-orf"]["memory_mib"] > 0
+  assert speeds["posrf-orf"]["memory_source"] == "static"
+
+
 def test_cli_errors(tmp_path):
   speed_json = _speed_json(tmp_path / "speed.json")
   with pytest.raises(ValueError, match="unknown LRA task 'sudoku'.*listops"):
