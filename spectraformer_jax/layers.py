@@ -15,6 +15,12 @@ instead of storing them, see ``attention.rf_attention``), ``implementation`` ("a
 and call arguments ``kv_mask [batch..., kv_len]`` / ``q_mask [batch..., q_len]`` (linear memory).
 In self-attention ``q_mask`` defaults to ``kv_mask``, so statistics see real tokens only and
 outputs at padded positions are zeros.
+linen ``decode=True`` (with ``is_causal=True``) follows Flax's autoregressive-cache convention:
+the first call (any length) runs in parallel and creates the empty ``"cache"`` collection;
+later calls (``mutable=["cache"]``) take one token each.  Random features carry only the
+recurrent state of ``recurrent`` (``S``, ``z``, the running key maximum): O(1) memory in the
+sequence length; softmax and flash carry Flax's key-value cache.  Decoding uses the stored W,
+no dropout and no masks.
 Flax's dense ``mask`` is accepted too: used as is by the softmax modes, reduced to key/query
 masks (``attention.reduce_dense_mask``, separable padding mask assumed) by the RF mode.
 
@@ -55,6 +61,7 @@ from flax import nnx
 
 from spectraformer_jax import attention as attn
 from spectraformer_jax import pallas_attention
+from spectraformer_jax import recurrent
 from spectraformer_jax import registry
 
 ATTENTION_CHOICES = ("spectraformer", "softmax", "flash")
@@ -209,7 +216,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
   broadcast_dropout, dropout_rate, deterministic, precision, kernel_init, out_kernel_init,
   bias_init, out_bias_init, use_bias, decode, normalize_qk``; ``attention_fn`` and the
   deprecated dot-general/einsum fields are replaced by ``attention``) plus the extras of the
-  module doc.  ``decode=True`` is not supported (NotImplementedError).
+  module doc (``decode``: module doc).
 
   Example::
 
@@ -271,6 +278,36 @@ class RFMultiHeadDotProductAttention(nn.Module):
       return _fixed_matrix(spec, self.make_rng(FEATURES_STREAM), m, head_dim, kw)
     return jax.lax.stop_gradient(stored.value)
 
+  def _decode_step(self, query, key, value, comp, W, cparams, masks):
+    """Flax's autoregressive cache on projected ``[batch..., len, heads, d]`` arrays.  The
+    first call creates the empty cache and returns None (the caller attends in parallel);
+    later calls take one token, update the cache and return ``[batch..., 1, heads, dv]``."""
+    if not self.is_causal:
+      raise ValueError("decode=True decodes causally: set is_causal=True.")
+    initialized = self.has_variable("cache", "state")
+    if comp is None:
+      cache = self.variable("cache", "state", recurrent.kv_cache_init, key.shape, value.shape,
+                            key.dtype)
+    else:
+      cache = self.variable("cache", "state", recurrent.init_state,
+                            query.shape[:-3] + (self.num_heads,),
+                            comp.feature_dim(self.num_features), value.shape[-1],
+                            not comp.positive)
+    if not initialized:
+      return None
+    if query.shape[-3] != 1 or any(m is not None for m in masks):
+      raise ValueError(f"decode=True takes one token per call and no masks after the "
+                       f"initialisation call, got length {query.shape[-3]}.")
+    if comp is None:
+      cache.value, out = recurrent.kv_cache_step(cache.value, query, key, value,
+                                                 precision=self.precision)
+      return out.astype(self.dtype or query.dtype)
+    scaled = lambda t: t[..., 0, :, :].astype(jnp.float32) * t.shape[-1] ** -0.25
+    feats = recurrent.token_features(comp, scaled(query), scaled(key), W, cparams)
+    cache.value, out = recurrent.step(cache.value, feats, value[..., 0, :, :], eps=self.eps,
+                                      precision=self.precision)
+    return out[..., None, :, :].astype(self.dtype or query.dtype)
+
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
                kv_mask=None, q_mask=None, deterministic=None, dropout_rng=None,
@@ -287,9 +324,6 @@ class RFMultiHeadDotProductAttention(nn.Module):
       inputs_k = inputs_v = inputs_kv
     else:
       inputs_k, inputs_v = _default_kv(inputs_q, inputs_k, inputs_v)
-    if self.decode:
-      raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
-                                "is_causal=True for causal attention.")
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     comp, spec = _validate(self.attention, self.redraw, self.num_features, self.num_heads,
@@ -321,6 +355,15 @@ class RFMultiHeadDotProductAttention(nn.Module):
       if comp.init_params is not None:
         cparams = self.param("component", lambda rng: comp.init_params(rng, head_dim))
 
+    out = nn.DenseGeneral(
+        features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
+        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="out")
+    if self.decode:
+      decoded = self._decode_step(query, key, value, comp, W, cparams, (mask, kv_mask, q_mask))
+      if decoded is not None:
+        return out(decoded)
+
     if self.dropout_rate > 0.0:
       m_det = nn.merge_param("deterministic", self.deterministic, deterministic)
       if not m_det and dropout_rng is None:
@@ -335,11 +378,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
                 deterministic=m_det, out_dtype=self.dtype or query.dtype, fused=self.fused,
                 implementation=self.implementation)
-    return nn.DenseGeneral(
-        features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
-        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-        name="out")(x)
+    return out(x)
 
 
 def redraw_random_features(module, variables, key, *example_args, **example_kwargs):
