@@ -305,8 +305,10 @@ def init_cache(model: Decoder, variables: dict, inputs: jax.Array) -> Any:
   ``int[B, L]`` (only their shape matters).  ``variables`` holds ``params`` (and
   ``random_features``).  Random-feature layers' states do not depend on ``L``; softmax and
   flash hold a key-value cache of length ``L``."""
-  _, state = model.clone(decode=True).apply(variables, inputs, mutable=["cache"])
-  return state["cache"]
+  init_call = lambda variables, inputs: model.clone(decode=True).apply(
+      variables, inputs, mutable=["cache"])[1]["cache"]
+  # Jitted, the forward pass of the initialisation call is dead code: only the cache is built.
+  return jax.jit(init_call)(variables, inputs)
 
 
 def build_model(config: ModelConfig, *, dual: bool, padded: bool = True,
