@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from lra_benchmarks import models
 from spectraformer_jax import attention as attn
@@ -150,3 +151,18 @@ def test_decode_errors_are_clear():
   with pytest.raises(ValueError, match="no causal form"):
     recurrent.token_features(registry.get_component("hrf"), jnp.ones((12,)), jnp.ones((12,)),
                              jnp.ones((M, 12)))
+
+
+@pytest.mark.parametrize("attention", ["spectraformer", "softmax"])
+def test_nnx_decode_equals_parallel_forward(attention):
+  layer = layers.RFMultiHeadAttention(H, 12, H * D, attention=attention, component="posrf",
+                                      weight="orf", num_features=M, is_causal=True,
+                                      precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (B, 4, 12))
+  parallel = nnx.jit(lambda layer, x: layer(x))(layer, x)
+  with pytest.raises(ValueError, match="init_cache"):
+    layer(x[:, :1], decode=True)
+  layer.init_cache(x.shape)
+  step = nnx.jit(lambda layer, token: layer(token, decode=True))
+  decoded = jnp.concatenate([step(layer, x[:, t:t + 1]) for t in range(4)], axis=1)
+  np.testing.assert_allclose(decoded, parallel, atol=1e-5 * float(jnp.abs(parallel).max()))
