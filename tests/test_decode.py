@@ -86,10 +86,6 @@ def _decode_all(module, variables, cache, inputs):
   return jnp.swapaxes(outs, 0, 1), cache
 
 
-def _size(tree):
-  return sum(a.size for a in jax.tree.leaves(tree))
-
-
 def test_layer_decode_equals_parallel_forward_signed_features_softmax_and_flash():
   attentions = {"trigrf": _layer("spectraformer", component="trigrf", weight="orf"),
                 "softmax": _layer("softmax"), "flash": _layer("flash")}
@@ -111,30 +107,45 @@ def test_layer_decode_equals_parallel_forward_signed_features_softmax_and_flash(
                                err_msg=name)
 
 
-def test_decoder_logits_equal_parallel_and_cache_size_is_independent_of_length():
-  config = models.ModelConfig(vocab_size=11, num_classes=11, max_len=32, num_layers=1,
+def _decoder(attention):
+  config = models.ModelConfig(vocab_size=11, num_classes=11, max_len=32, num_layers=2,
                               emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=16,
-                              attention="spectraformer", component="posrf", weight="orf",
+                              attention=attention, component="posrf", weight="orf",
                               num_features=8)
-  model = models.build_model(config, dual=False, per_token=True, causal=True)
-  tokens = jax.random.randint(jax.random.key(2), (B, 12), 1, 11)
+  return models.build_model(config, dual=False, per_token=True, causal=True)
+
+
+def test_decoder_cache_size_does_not_depend_on_the_length_for_random_features():
+  model = _decoder("spectraformer")
+  tokens = jnp.zeros((B, 4), jnp.int32)
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(3), (tokens,)))
   shapes = lambda length: jax.tree.map(jnp.shape, jax.eval_shape(
       lambda v: models.init_cache(model, v, jnp.zeros((B, length), jnp.int32)), variables))
   assert shapes(4) == shapes(32)
+  # The position and, per layer, S [B, H, m, dv], z and mu [B, H, m] (positive: no z_abs).
+  sizes = [np.prod(s, dtype=int) for s in
+           jax.tree.leaves(shapes(4), is_leaf=lambda s: type(s) is tuple)]
+  assert sum(sizes) == 1 + 2 * B * H * 8 * (8 + 2)
+  # A decoding step maps the cache to one of the same shapes: it never grows.
+  step = lambda v, cache: model.clone(decode=True).apply(
+      {**v, "cache": cache}, tokens[:, :1], mutable=["cache"])[1]["cache"]
+  cache = jax.eval_shape(lambda v: models.init_cache(model, v, tokens), variables)
+  assert jax.tree.map(jnp.shape, jax.eval_shape(step, variables, cache)) == shapes(4)
+
+
+def test_decoder_decoded_logits_equal_the_parallel_forward():
+  model = _decoder("softmax")  # the layers' decoding of random features: tests above
+  tokens = jax.random.randint(jax.random.key(2), (B, 12), 1, 11)
 
   @jax.jit
   def run():
     variables = models.init_variables(model, jax.random.key(3), (tokens,))
     cache = models.init_cache(model, variables, tokens)
-    return (model.apply(variables, tokens), cache,
-            _decode_all(model.clone(decode=True), variables, cache, tokens))
-  parallel, cache, (decoded, final) = run()
+    return model.apply(variables, tokens), _decode_all(model.clone(decode=True), variables,
+                                                       cache, tokens)
+  parallel, (decoded, final) = run()
   np.testing.assert_allclose(decoded, parallel, atol=1e-4, rtol=1e-4)
-  assert jax.tree.map(jnp.shape, final) == jax.tree.map(jnp.shape, cache)
   assert int(final["index"]) == 12  # the decoder's position counter advanced once per token
-  # The position and, in the layer, S [B, H, m, dv], z and mu [B, H, m] (positive: no z_abs).
-  assert _size(cache) == 1 + B * H * 8 * (8 + 2)
 
 
 def test_decode_errors_are_clear():

@@ -60,8 +60,8 @@ def test_missing_folder_and_folder_without_txt_are_one_line_errors(tmp_path):
 def test_tiny_decoder_trains_on_the_built_in_corpus_and_reports_bits_per_byte(tmp_path):
   config = base_lm.get_config()
   config.max_length = config.seq_len = 32
-  config.model.update(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_features=32,
-                      attention="spectraformer", component="posrf", weight="qmc")
+  # Softmax: the cheapest causal attention to compile (MQAR's test trains random features).
+  config.model.update(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, attention="softmax")
   config.update(batch_size=16, num_train_steps=40, warmup_steps=5, learning_rate=1e-2,
                 eval_every=40, checkpoint_every=40, log_every=20, progress_bar=False)
   results = train_lib.train_and_evaluate(config, str(tmp_path))
