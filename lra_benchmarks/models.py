@@ -116,7 +116,6 @@ class ModelConfig:
       elif not isinstance(value, int) or value <= 0:
         bad(field, value, "must be a positive integer")
 
-
   def validate_causal(self) -> None:
     """Raises ValueError unless the attention runs causally: softmax, flash, or random
     features with a component of ``registry.supports_causal``."""
@@ -180,8 +179,7 @@ class EncoderBlock(nn.Module):
           num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
           dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
           is_causal=self.causal, decode=self.decode, name="attention",
-          **attention_kwargs)(y, kv_mask=mask, q_mask=mask,
-                                                   deterministic=deterministic)
+          **attention_kwargs)(y, kv_mask=mask, q_mask=mask, deterministic=deterministic)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = x + y
     y = nn.LayerNorm(dtype=dtype)(x)
@@ -265,7 +263,8 @@ class Decoder(nn.Module):
   self-attention, a final LayerNorm and a linear read-out at every position.  Every position
   is a real token (no padding).  ``decode=True``: Flax's autoregressive-cache convention; the
   ``"cache"`` collection (``init_cache``) holds the next position and each attention layer's
-  state, and every call takes one token per row, ``inputs int[B, 1]``.
+  state, and every call takes one token per row, ``inputs int[B, 1]`` (at most ``max_len``
+  tokens: positions past it reuse the last position embedding).
   """
   config: ModelConfig
   causal: bool = True
@@ -281,13 +280,13 @@ class Decoder(nn.Module):
     x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name="embed")(inputs)
     pos = self.param("pos_embedding", _EMBED_INIT, (1, cfg.max_len, cfg.emb_dim))
     decoding = self.decode and self.has_variable("cache", "index")
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)) \
-        if self.decode else None
+    if self.decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if decoding:
       if length != 1:
         raise ValueError(f"decode=True takes one token per call after init_cache, got inputs "
                          f"of shape {inputs.shape}.")
-      x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, 1, axis=1)
+      x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, 1, axis=1)  # clamped at max_len
       index.value = index.value + 1
     else:
       x = x + pos[:, :length]
