@@ -34,7 +34,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from spectraformer_jax import attention as attn
+from spectraformer_jax import exact
+from spectraformer_jax import linear
 from spectraformer_jax import components
 from spectraformer_jax._dtypes import f32 as _f32
 
@@ -97,7 +98,7 @@ def token_features(spec, x: jax.Array, y: jax.Array, W: jax.Array, params=None) 
 
 
 def step(state: RecurrentState, features: TokenFeatures, v: jax.Array, *,
-         eps: float = attn.DEFAULT_EPS, precision=None) -> tuple[RecurrentState, jax.Array]:
+         eps: float = linear.DEFAULT_EPS, precision=None) -> tuple[RecurrentState, jax.Array]:
   """Adds key t (``features.lk, sk``, value ``v float32[..., dv]``) to the state, then attends
   with query t; returns ``(new state, out float32[..., dv])`` (module doc for the formulas).
 
@@ -123,7 +124,7 @@ def step(state: RecurrentState, features: TokenFeatures, v: jax.Array, *,
   den = jnp.einsum("...f,...f->...", qf, z, precision=precision)
   mag = None if z_abs is None else jnp.einsum("...f,...f->...", jnp.abs(qf), z_abs,
                                               precision=precision)
-  out = attn._guarded_divide(num, den, mag, eps)  # pylint: disable=protected-access
+  out = linear.guarded_divide(num, den, mag, eps)
   return RecurrentState(s, z, mu, z_abs), out
 
 
@@ -153,5 +154,5 @@ def kv_cache_step(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, *,
                                                            cache.index, axis=-3)
   keys, values = put(cache.key, k), put(cache.value, v)
   allowed = jnp.arange(keys.shape[-3]) <= cache.index
-  out = attn.masked_softmax_attention(q, keys, values, allowed, precision=precision)
+  out = exact.masked_softmax_attention(q, keys, values, allowed, precision=precision)
   return KVCache(keys, values, cache.index + 1), out
