@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.redraw = "never"       # "never" | "always" (fresh W every call)
   model.redraw_every = 0       # > 0: the trainer redraws fixed W every this many steps
   model.fused = True           # positive components: recompute feature maps in the backward pass
-  model.implementation = pallas_attention.DEFAULT_IMPLEMENTATION  # "xla" | "pallas" | "auto"
+  model.implementation = pallas_attention.DEFAULT_IMPLEMENTATION  # "auto" | "pallas" | "xla"
   model.dtype = "float32"      # compute dtype ("float32" | "bfloat16"); params stay float32
   config.model = model
 

@@ -339,30 +339,49 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
-# The default backend of the fused path. "xla" until the Pallas kernels are measured faster on the
-# default (float32) configs on a GPU: so far they were timed in bfloat16 only (docs/benchmarks).
-DEFAULT_IMPLEMENTATION = "xla"
-
-
-def pallas_available() -> bool:
-  """Whether the compiled (non-interpret) kernels can run: the default backend is a GPU."""
-  return jax.default_backend() == "gpu"
-
-
-def resolve_implementation(implementation: str) -> str:
-  """``"auto"`` -> ``"pallas"`` where the kernels compile (GPU), else ``"xla"``; ``"pallas"`` and
-  ``"xla"`` pass through (``"pallas"`` off GPU runs in interpret mode)."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-  if implementation == "auto":
-    return "pallas" if pallas_available() else "xla"
-  return implementation
+# The default backend of the fused path: the kernels where they compile and cover the call, the
+# XLA path elsewhere (``resolve_implementation``, ``log_fallback``).
+DEFAULT_IMPLEMENTATION = "auto"
 
 
 @functools.lru_cache(maxsize=None)
+def pallas_available() -> bool:
+  """Whether the compiled (non-interpret) kernels can run: the default backend is a GPU and
+  Pallas' Triton lowering is importable."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    from jax.experimental.pallas import triton as _  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return True
+
+
+def resolve_implementation(implementation: str) -> str:
+  """``"auto"`` -> ``"pallas"`` where the kernels compile (``pallas_available``), else ``"xla"``
+  (said once in the log); ``"pallas"`` and ``"xla"`` pass through (``"pallas"`` off GPU runs in
+  interpret mode).  Calls the kernels do not cover fall back by ``log_fallback``."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation != "auto":
+    return implementation
+  if pallas_available():
+    return "pallas"
+  _log_once(logging.INFO, f"implementation='auto' on backend {jax.default_backend()!r}: the "
+            "Pallas kernels need a GPU with Pallas' Triton lowering; using the XLA path.")
+  return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(level: int, message: str) -> None:
+  logging.log(level, message)
+
+
 def log_fallback(reason: str) -> None:
-  """Logs once per distinct ``reason`` that the Pallas kernels were asked for but not used."""
-  logging.warning("Pallas attention not used (%s): falling back to the XLA path.", reason)
+  """Logs once per distinct ``reason`` that the Pallas kernels were selected (``"pallas"``, or
+  ``"auto"`` on a GPU) but do not cover the call, which then runs on the XLA path."""
+  _log_once(logging.WARNING, f"Pallas attention not used ({reason}): falling back to the XLA "
+            "path.")
 
 
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,

@@ -124,3 +124,50 @@ def test_bad_arguments_name_the_value():
     positive_rf_attention_pallas(form, w, v, block_rows=24)
   with pytest.raises(ValueError, match=r"W must be"):
     positive_rf_attention_pallas(form, w[:, :5], v)
+
+
+def test_auto_is_the_default_and_resolves_to_xla_off_gpu_said_once(caplog, monkeypatch):
+  from configs import base
+  from spectraformer_jax import pallas_attention as P
+
+  assert P.DEFAULT_IMPLEMENTATION == "auto"
+  assert base.get_base_config().model.implementation == P.DEFAULT_IMPLEMENTATION
+  monkeypatch.setattr(P, "pallas_available", lambda: False)
+  P._log_once.cache_clear()
+  with caplog.at_level("INFO"):
+    assert [P.resolve_implementation("auto") for _ in range(3)] == ["xla"] * 3
+    assert P.resolve_implementation("pallas") == "pallas"
+  assert caplog.text.count("implementation='auto'") == 1
+
+
+def test_auto_on_a_gpu_runs_the_kernels_only_where_they_cover_the_call(caplog, monkeypatch):
+  """With a GPU reported, ``"auto"`` sends bidirectional positive components to the kernels
+  (run here in interpret mode) and causal attention or TrigRF to the XLA path, each fallback
+  logged once; every result equals the XLA path."""
+  from spectraformer_jax import attention as A
+  from spectraformer_jax import pallas_attention as P
+
+  calls = []
+  kernels = P.positive_rf_attention_pallas
+
+  def interpreted(*args, **kwargs):
+    calls.append(1)
+    return kernels(*args, **{**kwargs, "interpret": True})
+
+  monkeypatch.setattr(P, "pallas_available", lambda: True)
+  monkeypatch.setattr(P, "positive_rf_attention_pallas", interpreted)
+  P._log_once.cache_clear()
+  ks = jax.random.split(jax.random.key(6), 4)
+  q, k, v = (jax.random.normal(kk, (1, 24, 2, 8)) for kk in ks[:3])
+  w = jax.random.normal(ks[3], (16, 8))
+  with caplog.at_level("WARNING"):
+    for component, causal, kernel in (("oprf", False, True), ("posrf", True, False),
+                                      ("trigrf", False, False), ("posrf", True, False)):
+      before = len(calls)
+      run = lambda impl: A.rf_attention(q, k, v, w, component=component, is_causal=causal,
+                                        implementation=impl)
+      out = run("auto")
+      assert (len(calls) > before) == kernel, (component, causal)
+      assert _rel(out, run("xla")) < 1e-5, (component, causal)
+  assert caplog.text.count("Pallas attention not used (causal)") == 1
+  assert caplog.text.count("'trigrf' has no positive log-linear form") == 1
