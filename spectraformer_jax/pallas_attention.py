@@ -340,7 +340,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 # The default backend of the fused path: the kernels where they compile and cover the call, the
-# XLA path elsewhere (``resolve_implementation``, ``log_fallback``).
+# XLA path elsewhere (``select_implementation``).
 DEFAULT_IMPLEMENTATION = "auto"
 
 
