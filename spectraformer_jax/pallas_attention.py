@@ -340,7 +340,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 # The default backend of the fused path: the kernels where they compile and cover the call, the
-# XLA path elsewhere (``resolve_implementation``, ``log_fallback``).
+# XLA path elsewhere (``select_implementation``).
 DEFAULT_IMPLEMENTATION = "auto"
 
 
@@ -384,6 +384,27 @@ def log_fallback(reason: str) -> None:
             "path.")
 
 
+def select_implementation(implementation: str, uncovered: Optional[str],
+                          feature_dtype) -> str:
+  """The backend of one call, ``"pallas"`` or ``"xla"``.
+
+  ``uncovered``: why the kernels cannot compute the call (causal attention, a component without
+  a positive log-linear form, ...), None when they can.  ``"auto"`` also leaves float32
+  ``feature_dtype`` to XLA: the compiled float32 kernels are not yet measured to fit a GPU's
+  shared memory (on an H200 a float32 kernel at the 16-bit tiling asked 265 KiB of 227 KiB);
+  ``"pallas"`` runs them (with half the 16-bit tile).  Every fallback is logged once
+  (``log_fallback``).
+  """
+  if resolve_implementation(implementation) != "pallas":
+    return "xla"
+  if uncovered is None and implementation == "auto" and jnp.dtype(feature_dtype) == jnp.float32:
+    uncovered = "float32 features under implementation='auto'"
+  if uncovered is not None:
+    log_fallback(uncovered)
+    return "xla"
+  return "pallas"
+
+
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
                                  feature_dtype=jnp.float32, block_rows: Optional[int] = None,
                                  chunk_rows: int = 512, num_warps: int = 8,
@@ -399,7 +420,9 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
     q_mask: ``bool[..., n]`` or None; masked queries give zeros.
     feature_dtype: operand dtype of the feature contractions, float32, bfloat16 or float16
       (exponentials, projections and accumulators are float32 either way).
-    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``.
+    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``
+      for 16-bit features, ``clip(8192 // m, 16, 128)`` for float32 ones (their six-pass
+      products hold more shared memory).
     chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
       programs run over (leading index, chunk).
     num_warps: warps per program on GPU (ignored in interpret mode).
@@ -422,7 +445,8 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
   if v.shape[-2] != l:
     raise ValueError(f"v needs the keys' length {l}, got shape {tuple(v.shape)}.")
   m, dv = w.shape[0], v.shape[-1]
-  tile = block_rows if block_rows is not None else min(128, max(16, 16384 // _pow2(m)))
+  rows = 16384 if feature_dtype.itemsize == 2 else 8192
+  tile = block_rows if block_rows is not None else min(128, max(16, rows // _pow2(m)))
   if tile < 1 or tile & (tile - 1):
     raise ValueError(f"block_rows must be a power of two, got {block_rows!r}.")
   if chunk_rows < 1:

@@ -55,7 +55,7 @@ def test_schedules_equal_the_float64_reference_across_a_large_key_trend():
   (400 * 2^-24 ~ 2e-5 relative per term); signed features cancel and need 1e-4."""
   lq, lk, sq, sk, v, mask = _inputs(0, trend=400.0)
   cases = [(signed, chunk, schedule) for signed in (False, True)
-           for chunk, schedule in ((4, "parallel"), (16, "parallel"), (16, "recurrent"))]
+           for chunk, schedule in ((4, "parallel"), (16, "recurrent"))]
 
   @jax.jit
   def outputs(lq, lk, sq, sk, v):
@@ -97,23 +97,15 @@ def test_parallel_gradients_equal_the_recurrent_ones():
         assert _rel(a, b) < 1e-5, (signed, name)
 
 
-def test_feature_product_schedules_agree_with_gradients():
-  ks = jax.random.split(jax.random.key(3), 4)
+def test_feature_product_schedules_agree():
+  ks = jax.random.split(jax.random.key(3), 3)
   pq, pk = (jnp.exp(0.5 * jax.random.normal(kk, (B, N, F))) for kk in ks[:2])
   v = jax.random.normal(ks[2], (B, N, DV))
-  probe = jax.random.normal(ks[3], (B, N, DV))
-
-  @jax.jit
-  def run(pq, pk, v):
-    loss = lambda a, b, c, schedule: jnp.sum(causal.causal_linear_attention(
-        a, b, c, 16, schedule=schedule) * probe)
-    return [jax.value_and_grad(loss, argnums=(0, 1, 2))(pq, pk, v, s) for s in causal.SCHEDULES]
-
+  run = jax.jit(lambda *a: [causal.causal_linear_attention(*a, 16, schedule=s)
+                            for s in causal.SCHEDULES])
   with jax.default_matmul_precision("highest"):
-    (lp, gp), (lr, gr) = run(pq, pk, v)
-  assert abs(float(lp - lr)) < 1e-5 * abs(float(lr))
-  for a, b in zip(gp, gr):
-    assert _rel(a, b) < 1e-5
+    par, rec = run(pq, pk, v)
+  assert _rel(par, rec) < 1e-6
 
 
 def _loops_and_biggest(fn, *args):
