@@ -13,18 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-# XLA's CPU compiler at LLVM -O0: the suite compiles hundreds of small programs and runs each
-# a few times, so compiling dominates (a training step compiles about 2.5x faster). HLO-level
-# optimisation and the results' semantics are unchanged. Set before JAX starts, inherited by
-# the trainers that tests start as subprocesses.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_OWNER = "SPECTRAFORMER_TEST_CACHE_OWNER"
-
-
-def _add_xla_flag(flags: str, flag: str) -> str:
-  """``flags`` (an ``XLA_FLAGS`` value) with ``flag`` added unless that option is set."""
-  return flags if flag.split("=")[0] in flags else f"{flags} {flag}".strip()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,7 +23,6 @@ def pytest_configure(config: pytest.Config) -> None:
   workers, and the workers and every subprocess a test starts inherit it through the
   environment. Identical programs (the same model trained again, resumed, or in another
   process) then compile once. Compiles of 0.2 s or more are stored."""
-  os.environ["XLA_FLAGS"] = _add_xla_flag(os.environ.get("XLA_FLAGS", ""), _FAST_COMPILE)
   if _CACHE_ENV not in os.environ:
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="spectraformer-jax-compilations-")
     os.environ[_CACHE_OWNER] = str(os.getpid())
@@ -51,6 +40,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
   if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
   del config
+
 
 _OPS = {"MIN": min, "MAX": max, "MED": lambda xs: int(sorted(xs)[(len(xs) - 1) // 2] +
                                                      sorted(xs)[len(xs) // 2]) // 2,

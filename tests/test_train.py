@@ -122,7 +122,7 @@ def test_cli_on_eight_devices_matches_one_device(tmp_path, listops_dir):
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
   pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
-         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
                         timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
