@@ -15,10 +15,12 @@ from lra_benchmarks.training import distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny ListOps run split over two processes with one CPU device each (global batch 8, 4 per
-# process); evaluation only at the end, checkpoints every 3 steps.
+# process); evaluation only at the end, checkpoints every 3 steps. The rsqrt schedule does not
+# depend on the budget, so the resumed run's train step is the first run's (compiled once).
 TINY = {
     "max_length": 32, "seq_len": 32, "batch_size": 8, "eval_every": 1000, "checkpoint_every": 3,
-    "log_every": 1, "num_eval_steps": -1, "warmup_steps": 2, "progress_bar": False,
+    "log_every": 1, "num_eval_steps": -1, "warmup_steps": 2, "schedule": "rsqrt",
+    "progress_bar": False,
     "model.attention": "softmax", "model.num_layers": 1, "model.emb_dim": 16,
     "model.qkv_dim": 16, "model.mlp_dim": 32, "model.classifier_dim": 16,
     "model.num_features": 16,
