@@ -1,14 +1,9 @@
-"""Shared pytest set-up: the repository root on sys.path (for ``configs``), LRA fixtures."""
+"""Shared pytest fixtures: a tiny ListOps data_dir, a checkpoint corrupter."""
 
 import os
 import random
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 _OPS = {"MIN": min, "MAX": max, "MED": lambda xs: int(sorted(xs)[(len(xs) - 1) // 2] +
                                                      sorted(xs)[len(xs) // 2]) // 2,
