@@ -162,13 +162,12 @@ def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
   task, attention = parts[0], parts[1:]
   _check_choice("task", task, TASKS)
   kinds = SOFTMAX_KINDS + BASELINES
-  if len(attention) == 1:
-    _check_choice("attention", attention[0], kinds)
-  elif len(attention) == 2:
+  if len(attention) == 2:
     registry.check_pair(*attention)
-  elif attention:
-    raise ValueError(f"config spec {spec!r}: expected TASK, TASK,KIND or TASK,COMPONENT,WEIGHT "
-                     f"(KIND one of {', '.join(kinds)}), e.g. text,posrf,qmc")
+  elif len(attention) > 2 or (attention and attention[0] not in kinds):
+    raise ValueError(f"config spec {spec!r}: expected TASK, TASK,KIND with KIND one of "
+                     f"{', '.join(kinds)}, or TASK,COMPONENT,WEIGHT with a pair of "
+                     "spectraformer_jax.registry.valid_pairs(), e.g. text,posrf,qmc")
   return task, attention
 
 

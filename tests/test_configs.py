@@ -118,7 +118,8 @@ def test_model_fields_are_the_model_config_fields_with_their_defaults():
 
 @pytest.mark.parametrize("spec,match", [
     ("lisops", r"Unknown task 'lisops'.*listops"),
-    ("text,softmx", r"Unknown attention 'softmx'.*flash"),
+    ("text,softmx", r"'text,softmx'.*KIND one of softmax, flash"),
+    ("text,posrf", r"TASK,COMPONENT,WEIGHT"),
     ("text,posrf,qcm", r"qcm"),
     ("text,posrf,qmc,extra", r"TASK,COMPONENT,WEIGHT"),
 ])
