@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from lra_benchmarks import config_lib
+from lra_benchmarks import data as lra_data
 from lra_benchmarks import models
+from lra_benchmarks import train_lib
 from lra_benchmarks.training import cli
 from spectraformer_jax import registry
 
@@ -120,12 +122,17 @@ def test_model_fields_are_the_model_config_fields_with_their_defaults():
     ("lisops", r"Unknown task 'lisops'.*listops"),
     ("text,softmx", r"'text,softmx'.*KIND one of softmax, flash"),
     ("text,posrf", r"TASK,COMPONENT,WEIGHT"),
-    ("text,posrf,qcm", r"qcm"),
     ("text,posrf,qmc,extra", r"TASK,COMPONENT,WEIGHT"),
 ])
 def test_bad_specs_name_the_valid_choices(spec, match):
   with pytest.raises(ValueError, match=match):
     config_lib.get_config(spec)
+
+
+def test_a_refused_pair_is_refused_once_where_the_trainer_starts():
+  config = config_lib.get_config("text,posrf,qcm")  # the spec's grammar is fine
+  with pytest.raises(ValueError, match="qcm"):
+    train_lib.validate_config(config, lra_data.get_task("text"))
 
 
 # The study's hyperparameters (Spectraformer/Skyformer LRA configs).
