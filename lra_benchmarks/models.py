@@ -1,4 +1,5 @@
-"""LRA models: an encoder classifier and the retrieval dual encoder, attention chosen by config.
+"""Models: an encoder classifier, the retrieval dual encoder and a causal decoder (per-token
+tasks: MQAR, language modelling), attention chosen by config.
 
 The architecture follows the Spectraformer / Skyformer LRA setup: token and learned positional
 embeddings, pre-LayerNorm transformer blocks (attention, then a GELU MLP), a final LayerNorm,
@@ -14,6 +15,12 @@ in ``"params"``.  The efficient-attention baselines (``spectraformer_jax.baselin
 ``"informer"``, ``"kernelized"``) run through ``baselines.BaselineSelfAttention`` with their
 hyperparameters from ``config.model`` (fields of ``baselines.HYPERPARAMETERS``; the layer's
 defaults, the study's values, where a field is absent).
+
+``Decoder`` (per-token tasks) runs the same pre-LN blocks with causal self-attention and
+returns logits at every position; with ``decode=True`` it follows Flax's autoregressive-cache
+convention (``init_cache``, then one token per call), the attention layers carrying only their
+recurrent state (``spectraformer_jax.recurrent``) or, for softmax and flash, a key-value cache.
+The baselines are bidirectional and refused for causal tasks.
 """
 
 from __future__ import annotations
@@ -109,6 +116,21 @@ class ModelConfig:
       elif not isinstance(value, int) or value <= 0:
         bad(field, value, "must be a positive integer")
 
+  def validate_causal(self) -> None:
+    """Raises ValueError unless the attention runs causally: softmax, flash, or random
+    features with a component of ``registry.supports_causal``."""
+    from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
+    causal_components = [c for c in registry.component_names() if registry.supports_causal(c)]
+    if self.attention in baselines.KINDS:
+      raise ValueError(
+          f"config.model.attention={self.attention!r}: the efficient-attention baselines are "
+          "bidirectional and this task is causal; choose 'softmax', 'flash' or 'spectraformer' "
+          f"with a causal component ({causal_components}).")
+    if self.attention == "spectraformer" and not registry.supports_causal(self.component):
+      raise ValueError(
+          f"config.model.component={self.component!r} has no causal form (its features use "
+          f"statistics of the whole sequence); causal components: {causal_components}.")
+
 
 class MlpBlock(nn.Module):
   """Dense -> GELU -> dropout -> Dense -> dropout."""
@@ -127,8 +149,11 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).  ``causal``:
+  causal self-attention; ``decode``: the attention's autoregressive cache (one token a call)."""
   config: ModelConfig
+  causal: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool):
@@ -153,8 +178,8 @@ class EncoderBlock(nn.Module):
       y = layers.RFMultiHeadDotProductAttention(
           num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
           dropout_rate=cfg.attention_dropout_rate, dtype=dtype, attention=cfg.attention,
-          name="attention", **attention_kwargs)(y, kv_mask=mask, q_mask=mask,
-                                                   deterministic=deterministic)
+          is_causal=self.causal, decode=self.decode, name="attention",
+          **attention_kwargs)(y, kv_mask=mask, q_mask=mask, deterministic=deterministic)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = x + y
     y = nn.LayerNorm(dtype=dtype)(x)
@@ -231,9 +256,69 @@ class DualEncoderClassifier(nn.Module):
         features)
 
 
-def build_model(config: ModelConfig, *, dual: bool, padded: bool = True) -> nn.Module:
-  """The classifier for a task (``dual``: retrieval's two-document model)."""
+class Decoder(nn.Module):
+  """Per-token model: ``inputs int[B, L] -> logits float32[B, L, num_classes]``.
+
+  Token and learned position embeddings, ``num_layers`` pre-LN blocks of (``causal``)
+  self-attention, a final LayerNorm and a linear read-out at every position.  Every position
+  is a real token (no padding).  ``decode=True``: Flax's autoregressive-cache convention; the
+  ``"cache"`` collection (``init_cache``) holds the next position and each attention layer's
+  state, and every call takes one token per row, ``inputs int[B, 1]`` (at most ``max_len``
+  tokens: positions past it reuse the last position embedding).
+  """
+  config: ModelConfig
+  causal: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool = False):
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    length = inputs.shape[-1]
+    if length > cfg.max_len:
+      raise ValueError(f"Input length {length} exceeds the model's max_len {cfg.max_len}.")
+    x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name="embed")(inputs)
+    pos = self.param("pos_embedding", _EMBED_INIT, (1, cfg.max_len, cfg.emb_dim))
+    decoding = self.decode and self.has_variable("cache", "index")
+    if self.decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if decoding:
+      if length != 1:
+        raise ValueError(f"decode=True takes one token per call after init_cache, got inputs "
+                         f"of shape {inputs.shape}.")
+      x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, 1, axis=1)  # clamped at max_len
+      index.value = index.value + 1
+    else:
+      x = x + pos[:, :length]
+    x = nn.Dropout(cfg.dropout_rate)(x.astype(dtype), deterministic=not train)
+    for i in range(cfg.num_layers):
+      x = EncoderBlock(cfg, causal=self.causal, decode=self.decode, name=f"block_{i}")(
+          x, None, deterministic=not train)
+    x = nn.LayerNorm(dtype=dtype, name="final_norm")(x)
+    return nn.Dense(cfg.num_classes, dtype=dtype, name="logits")(x).astype(jnp.float32)
+
+
+def init_cache(model: Decoder, variables: dict, inputs: jax.Array) -> Any:
+  """The empty ``"cache"`` collection of ``model.clone(decode=True)`` (position 0, every
+  state zero), made by Flax's initialisation call: one call with full-length ``inputs``
+  ``int[B, L]`` (only their shape matters).  ``variables`` holds ``params`` (and
+  ``random_features``).  Random-feature layers' states do not depend on ``L``; softmax and
+  flash hold a key-value cache of length ``L``."""
+  init_call = lambda variables, inputs: model.clone(decode=True).apply(
+      variables, inputs, mutable=["cache"])[1]["cache"]
+  # Jitted, the forward pass of the initialisation call is dead code: only the cache is built.
+  return jax.jit(init_call)(variables, inputs)
+
+
+def build_model(config: ModelConfig, *, dual: bool, padded: bool = True,
+                per_token: bool = False, causal: bool = False) -> nn.Module:
+  """The model of a task: the classifier (``dual``: retrieval's two-document model) or, for a
+  ``per_token`` task, the ``Decoder`` (``causal``: causal self-attention)."""
   config.validate()
+  if causal:
+    config.validate_causal()
+  if per_token:
+    return Decoder(config, causal=causal)
   cls = DualEncoderClassifier if dual else Classifier
   return cls(config, padded=padded)
 

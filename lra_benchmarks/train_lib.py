@@ -1,4 +1,4 @@
-"""The LRA trainer: one data-parallel loop for every task and attention.
+"""The trainer: one data-parallel loop for every task (LRA, MQAR, byte-level LM) and attention.
 
 ``train_and_evaluate(config, workdir)`` trains with AdamW (linear warm-up and decay as the
 Spectraformer study, or LRA's rsqrt schedule), evaluates on validation every
@@ -7,6 +7,12 @@ improvement, checkpoints every ``config.checkpoint_every`` steps with orbax (res
 latest checkpoint in ``workdir``), and finally tests the checkpoint with the best validation
 accuracy. It writes ``workdir/results.json``, TensorBoard events (``workdir/tensorboard``) and a
 JSON-lines log (``workdir/metrics.jsonl``).
+
+Per-token tasks (``Task.per_token``: MQAR, LM) train the causal ``models.Decoder`` on
+token-level cross-entropy over the positions that have a target (``data.IGNORE`` elsewhere);
+accuracy is over those positions (MQAR: the query positions).  Task options (vocabulary,
+number of pairs, corpus split) come from ``config.task_options``; for ``lm``, results also
+report bits per byte (mean nats per byte / ln 2).
 
 Data parallelism: ``jax.jit`` over a one-axis device ``Mesh``; the state is replicated, each
 batch is sharded over the ``data`` axis (``jax.make_array_from_process_local_data``), so the same
@@ -19,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Optional
@@ -33,6 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from lra_benchmarks import models
+from lra_benchmarks.data import IGNORE
 from lra_benchmarks.training import checkpoints as checkpoints_lib
 from lra_benchmarks.training import evaluate as evaluate_lib
 from lra_benchmarks.training import interrupts
@@ -41,6 +49,7 @@ from lra_benchmarks.training import workdir as workdir_lib
 
 SCHEDULES = ("linear", "rsqrt", "constant")
 _SPLITS = ("train", "validation", "test")
+BITS_PER_BYTE_TASKS = ("lm",)  # byte-level tasks whose results report bits per byte
 
 
 @flax.struct.dataclass
@@ -91,14 +100,21 @@ def validate_config(config: ml_collections.ConfigDict, task: Any) -> models.Mode
   if not task.padded and config.seq_len != config.max_length:
     bad("seq_len", f"task {task.name!r} has no padding token, so seq_len must equal "
         f"max_length={config.max_length}")
+  vocab_size, num_classes = task.sizes(**task_options(config))
   model_config = models.ModelConfig.from_config(
-      config.model, vocab_size=task.vocab_size, num_classes=task.num_classes,
-      max_len=config.seq_len)
+      config.model, vocab_size=vocab_size, num_classes=num_classes, max_len=config.seq_len)
   model_config.validate()
+  if task.causal:
+    model_config.validate_causal()
   if not isinstance(config.model.redraw_every, int) or config.model.redraw_every < 0:
     raise ValueError(f"config.model.redraw_every={config.model.redraw_every!r}: must be a "
                      "non-negative integer (0: never)")
   return model_config
+
+
+def task_options(config: ml_collections.ConfigDict) -> dict:
+  """``config.task_options`` as keyword arguments of ``Task.load`` (``{}`` when absent)."""
+  return config.task_options.to_dict() if "task_options" in config else {}
 
 
 def check_batch_divides(batch_size: int, what: str = "config.batch_size") -> None:
@@ -152,6 +168,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def _loss_and_counts(logits, targets, weights):
+  """``(loss sum, correct, count)`` of a batch.  Classification: logits ``[B, C]``, targets
+  ``int[B]``, example weights ``[B]``.  Per-token: logits ``[B, L, C]``, targets ``int[B, L]``
+  (``IGNORE`` = no target), each target position weighted by its example's weight."""
+  if targets.ndim == 2:
+    has_target = targets != IGNORE
+    weights = weights[:, None] * has_target
+    targets = jnp.where(has_target, targets, 0)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   return (losses * weights).sum(), (correct * weights).sum(), weights.sum()
@@ -208,7 +231,8 @@ def _pad_to(arrays: dict, seq_len: int) -> dict:
 def load_datasets(config: ml_collections.ConfigDict, task: Any) -> dict[str, dict]:
   """``{split: arrays}`` for train, validation and test, padded to ``config.seq_len``."""
   return {split: _pad_to(task.load(split, data_dir=config.data_dir,
-                                   max_length=config.max_length), config.seq_len)
+                                   max_length=config.max_length, **task_options(config)),
+                         config.seq_len)
           for split in _SPLITS}
 
 
@@ -333,7 +357,8 @@ def build(config: ml_collections.ConfigDict, task: Any,
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   shard = _Sharder(mesh)
-  model = models.build_model(model_config, dual=task.dual, padded=task.padded)
+  model = models.build_model(model_config, dual=task.dual, padded=task.padded,
+                             per_token=task.per_token, causal=task.causal)
   tx = make_optimizer(config)
   example = models.model_inputs(
       {k: np.zeros((1, config.seq_len), np.int32) for k in ("inputs", "inputs1", "inputs2")},
@@ -643,6 +668,8 @@ def _results(config: ml_collections.ConfigDict, meta: dict, test: dict, *, step:
   """The ``results.json`` record of a finished run."""
   memory, memory_source = peak_memory(compiled)
   spectraformer = config.model.attention == "spectraformer"
+  per_byte = ({"test_bits_per_byte": test["loss"] / math.log(2)}
+              if config.task in BITS_PER_BYTE_TASKS else {})
   return {
       "task": config.task,
       "attention": config.model.attention,
@@ -652,7 +679,8 @@ def _results(config: ml_collections.ConfigDict, meta: dict, test: dict, *, step:
       "protocol": config.validation,
       "test_accuracy": test["accuracy"],
       "test_loss": test["loss"],
-      "test_examples": test["examples"],
+      "test_examples": test["examples"],  # per-token tasks: the number of target positions
+      **per_byte,
       "validation_accuracy": meta["best_accuracy"],  # at best_step: the selected model
       "best_validation_accuracy": meta["best_accuracy"],
       "best_step": meta["best_step"],

@@ -94,7 +94,13 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
   """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
   spec = _component_spec(component)
-  impl = pallas_attention.resolve_implementation(implementation)
+  fusable = fused and not is_causal and spec.log_linear is not None
+  uncovered = None
+  if not fusable:
+    uncovered = ("causal" if is_causal else "fused=False" if not fused
+                 else f"component {spec.name!r} has no positive log-linear form")
+  fd = _feature_dtype(jnp.dtype(q.dtype))
+  impl = pallas_attention.select_implementation(implementation, uncovered, fd)
   d = q.shape[-1]
   scale = d ** -0.25
   x, y = _f32(q) * scale, _f32(k) * scale
@@ -104,16 +110,11 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
                      f"{tuple(W.shape)}.")
   xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
   ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
-  if fused and not is_causal and spec.log_linear is not None:
+  if fusable:
     form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params)
-    fd = _feature_dtype(jnp.dtype(q.dtype))
     if impl == "pallas":
       return pallas_attention.positive_rf_attention_pallas(form, W, v, ym, xm, feature_dtype=fd)
     return fused_lib.positive_rf_attention(form, W, v, ym, xm, feature_dtype=fd)
-  if impl == "pallas":
-    pallas_attention.log_fallback(
-        "causal" if is_causal else "fused=False" if not fused
-        else f"component {spec.name!r} has no positive log-linear form")
   guard = not spec.positive
   if is_causal:
     if spec.log_linear is not None or spec.log_features is not None:
@@ -163,8 +164,9 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       function.
     implementation: the fused path's backend: ``"pallas"`` (``pallas_attention``: Pallas
       kernels, feature maps only as on-chip tiles; interpret mode off GPU), ``"xla"``
-      (``fused.positive_rf_attention``) or ``"auto"`` (pallas on GPU, xla elsewhere).  Where
-      the fused path does not apply, pallas falls back to xla and says so once in the log.
+      (``fused.positive_rf_attention``) or ``"auto"`` (pallas on GPU for 16-bit inputs, xla
+      elsewhere).  Where the kernels do not apply, pallas falls back to xla and says so once
+      in the log (``pallas_attention.select_implementation``).
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the

@@ -15,6 +15,13 @@ instead of storing them, see ``attention.rf_attention``), ``implementation`` ("a
 and call arguments ``kv_mask [batch..., kv_len]`` / ``q_mask [batch..., q_len]`` (linear memory).
 In self-attention ``q_mask`` defaults to ``kv_mask``, so statistics see real tokens only and
 outputs at padded positions are zeros.
+linen ``decode=True`` (with ``is_causal=True``) follows Flax's autoregressive-cache convention:
+the first call (any length) runs in parallel and creates the empty ``"cache"`` collection;
+later calls (``mutable=["cache"]``) take one token each.  Random features carry only the
+recurrent state of ``recurrent`` (``S``, ``z``, the running key maximum): O(1) memory in the
+sequence length; softmax and flash carry Flax's key-value cache.  nnx: ``init_cache(shape)``,
+then ``decode=True`` calls (constructor or call argument), as ``nnx.MultiHeadAttention``.
+Decoding uses the stored W, no dropout and no masks.
 Flax's dense ``mask`` is accepted too: used as is by the softmax modes, reduced to key/query
 masks (``attention.reduce_dense_mask``, separable padding mask assumed) by the RF mode.
 
@@ -55,6 +62,7 @@ from flax import nnx
 
 from spectraformer_jax import attention as attn
 from spectraformer_jax import pallas_attention
+from spectraformer_jax import recurrent
 from spectraformer_jax import registry
 
 ATTENTION_CHOICES = ("spectraformer", "softmax", "flash")
@@ -163,6 +171,36 @@ def _dense_softmax(q, k, v, dense_mask, kv_mask, q_mask, is_causal, attention, p
   return out
 
 
+def _check_decode_step(query, masks, causal: bool):
+  """Raises ValueError unless a decoding step is causal, one token long and unmasked."""
+  if not causal:
+    raise ValueError("decode=True decodes causally: set is_causal=True.")
+  if query.shape[-3] != 1 or any(m is not None for m in masks):
+    raise ValueError(f"decode=True takes one token per call and no masks after the "
+                     f"initialisation call, got length {query.shape[-3]}.")
+
+
+def _decode_step(state, query, key, value, comp, W, cparams, eps, precision):
+  """One decoding step on projected ``[batch..., 1, heads, d]`` arrays: the key-value cache
+  (``comp`` None: softmax, flash) or the recurrent state.  Returns (state, float32
+  ``[batch..., 1, heads, dv]``)."""
+  if comp is None:
+    return recurrent.kv_cache_step(state, query, key, value, precision=precision)
+  scaled = lambda t: t[..., 0, :, :].astype(jnp.float32) * t.shape[-1] ** -0.25
+  feats = recurrent.token_features(comp, scaled(query), scaled(key), W, cparams)
+  state, out = recurrent.step(state, feats, value[..., 0, :, :], eps=eps, precision=precision)
+  return state, out[..., None, :, :]
+
+
+def _empty_cache(comp, num_features: int, lead: tuple[int, ...], key_shape, value_shape, dtype):
+  """The empty decoding state: ``recurrent.init_state`` over ``lead`` = (batch..., heads), or
+  ``recurrent.kv_cache_init`` for keys/values of the given shapes when ``comp`` is None."""
+  if comp is None:
+    return recurrent.kv_cache_init(key_shape, value_shape, dtype)
+  return recurrent.init_state(lead, comp.feature_dim(num_features), value_shape[-1],
+                              not comp.positive)
+
+
 def _default_kv(inputs_q, inputs_k, inputs_v):
   """Flax's defaults: keys from the queries, values from the keys (self-attention)."""
   if inputs_k is None:
@@ -209,7 +247,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
   broadcast_dropout, dropout_rate, deterministic, precision, kernel_init, out_kernel_init,
   bias_init, out_bias_init, use_bias, decode, normalize_qk``; ``attention_fn`` and the
   deprecated dot-general/einsum fields are replaced by ``attention``) plus the extras of the
-  module doc.  ``decode=True`` is not supported (NotImplementedError).
+  module doc (``decode``: module doc).
 
   Example::
 
@@ -271,6 +309,22 @@ class RFMultiHeadDotProductAttention(nn.Module):
       return _fixed_matrix(spec, self.make_rng(FEATURES_STREAM), m, head_dim, kw)
     return jax.lax.stop_gradient(stored.value)
 
+  def _decode(self, query, key, value, comp, W, cparams, masks):
+    """Flax's autoregressive cache: the first call creates the empty cache and returns None
+    (the caller attends in parallel); later calls take one token, update the cache and
+    return ``[batch..., 1, heads, dv]``."""
+    initialized = self.has_variable("cache", "state")
+    cache = self.variable("cache", "state", _empty_cache, comp, self.num_features,
+                          query.shape[:-3] + (self.num_heads,), key.shape, value.shape,
+                          key.dtype)
+    if not self.is_causal or initialized:
+      _check_decode_step(query, masks, self.is_causal)
+    if not initialized:
+      return None
+    cache.value, out = _decode_step(cache.value, query, key, value, comp, W, cparams, self.eps,
+                                    self.precision)
+    return out.astype(self.dtype or query.dtype)
+
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
                kv_mask=None, q_mask=None, deterministic=None, dropout_rng=None,
@@ -287,9 +341,6 @@ class RFMultiHeadDotProductAttention(nn.Module):
       inputs_k = inputs_v = inputs_kv
     else:
       inputs_k, inputs_v = _default_kv(inputs_q, inputs_k, inputs_v)
-    if self.decode:
-      raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
-                                "is_causal=True for causal attention.")
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     comp, spec = _validate(self.attention, self.redraw, self.num_features, self.num_heads,
@@ -321,6 +372,15 @@ class RFMultiHeadDotProductAttention(nn.Module):
       if comp.init_params is not None:
         cparams = self.param("component", lambda rng: comp.init_params(rng, head_dim))
 
+    out = nn.DenseGeneral(
+        features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
+        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="out")
+    if self.decode:
+      decoded = self._decode(query, key, value, comp, W, cparams, (mask, kv_mask, q_mask))
+      if decoded is not None:
+        return out(decoded)
+
     if self.dropout_rate > 0.0:
       m_det = nn.merge_param("deterministic", self.deterministic, deterministic)
       if not m_det and dropout_rng is None:
@@ -335,11 +395,7 @@ class RFMultiHeadDotProductAttention(nn.Module):
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
                 deterministic=m_det, out_dtype=self.dtype or query.dtype, fused=self.fused,
                 implementation=self.implementation)
-    return nn.DenseGeneral(
-        features=features, axis=(-2, -1), kernel_init=self.out_kernel_init or self.kernel_init,
-        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-        name="out")(x)
+    return out(x)
 
 
 def redraw_random_features(module, variables, key, *example_args, **example_kwargs):
@@ -426,9 +482,6 @@ class RFMultiHeadAttention(nnx.Module):
                eps: float = attn.DEFAULT_EPS, kv_mask_is_prefix: Optional[bool] = None,
                fused: bool = True,
                implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION):
-    if decode:
-      raise NotImplementedError("decode=True (autoregressive cache) is not supported; use "
-                                "is_causal=True for causal attention.")
     self.num_heads = num_heads
     self.in_features = in_features
     self.qkv_features = qkv_features if qkv_features is not None else in_features
@@ -474,6 +527,7 @@ class RFMultiHeadAttention(nnx.Module):
         param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
 
+    self.cache = nnx.data(None)
     self.random_features = nnx.data(None)
     self.weight_params = nnx.data(None)
     self.weight_buffers = nnx.data(None)
@@ -497,6 +551,17 @@ class RFMultiHeadAttention(nnx.Module):
 
   def _specs(self):
     return registry.check_pair(self.component, self.weight)
+
+  def init_cache(self, input_shape, dtype=jnp.float32) -> None:
+    """Flax's nnx decoding convention: an empty cache for inputs ``[batch..., length,
+    features]``, then ``decode=True`` calls take one token each.  Random features keep the
+    recurrent state (independent of ``length``), softmax and flash a key-value cache."""
+    comp = self._specs()[0] if self.attention == "spectraformer" else None
+    kv_shape = tuple(input_shape[:-1]) + (self.num_heads, self.head_dim)
+    state = _empty_cache(comp, self.num_features, tuple(input_shape[:-2]) + (self.num_heads,),
+                         kv_shape, kv_shape, dtype)
+    self.cache = _to_vars({k: v for k, v in state._asdict().items() if v is not None},
+                          nnx.Cache)
 
   def weight_matrix(self, key=None):
     """W [m, head_dim] float32: stored, or freshly drawn from ``key`` (fixed weights)."""
@@ -541,8 +606,7 @@ class RFMultiHeadAttention(nnx.Module):
     defaults to the constructor's; ``rngs`` (an ``nnx.Rngs``) feeds dropout and, with
     ``redraw='always'``, its ``features`` stream."""
     del sow_weights
-    if decode:
-      raise NotImplementedError("decode=True is not supported; use is_causal=True.")
+    decode = self.decode if decode is None else decode
     features_stream = self.feature_rngs
     if isinstance(rngs, nnx.Rngs):
       if self.redraw == "always":
@@ -582,6 +646,20 @@ class RFMultiHeadAttention(nnx.Module):
       W = self.weight_matrix(draw_key)
       if self.component_params is not None:
         cparams = _from_vars(self.component_params)
+
+    if decode:
+      _check_decode_step(query, (mask, kv_mask, q_mask), causal)
+      if self.cache is None:
+        raise ValueError("decode=True needs an empty cache first: call init_cache(input_shape).")
+      stored = _from_vars(self.cache)
+      state = (recurrent.KVCache(**stored) if comp is None
+               else recurrent.RecurrentState(**{"z_abs": None, **stored}))
+      state, x = _decode_step(state, query, key, value, comp, W, cparams, self.eps,
+                              self.precision)
+      for name, val in state._asdict().items():
+        if val is not None:
+          self.cache[name][...] = val
+      return self.out(x.astype(self.dtype or query.dtype))
 
     if self.dropout_rate > 0.0:
       det = deterministic if deterministic is not None else self.deterministic

@@ -339,30 +339,70 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
-# The default backend of the fused path. "xla" until the Pallas kernels are measured faster on the
-# default (float32) configs on a GPU: so far they were timed in bfloat16 only (docs/benchmarks).
-DEFAULT_IMPLEMENTATION = "xla"
-
-
-def pallas_available() -> bool:
-  """Whether the compiled (non-interpret) kernels can run: the default backend is a GPU."""
-  return jax.default_backend() == "gpu"
-
-
-def resolve_implementation(implementation: str) -> str:
-  """``"auto"`` -> ``"pallas"`` where the kernels compile (GPU), else ``"xla"``; ``"pallas"`` and
-  ``"xla"`` pass through (``"pallas"`` off GPU runs in interpret mode)."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-  if implementation == "auto":
-    return "pallas" if pallas_available() else "xla"
-  return implementation
+# The default backend of the fused path: the kernels where they compile and cover the call, the
+# XLA path elsewhere (``select_implementation``).
+DEFAULT_IMPLEMENTATION = "auto"
 
 
 @functools.lru_cache(maxsize=None)
+def pallas_available() -> bool:
+  """Whether the compiled (non-interpret) kernels can run: the default backend is a GPU and
+  Pallas' Triton lowering is importable."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    from jax.experimental.pallas import triton as _  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return True
+
+
+def resolve_implementation(implementation: str) -> str:
+  """``"auto"`` -> ``"pallas"`` where the kernels compile (``pallas_available``), else ``"xla"``
+  (said once in the log); ``"pallas"`` and ``"xla"`` pass through (``"pallas"`` off GPU runs in
+  interpret mode).  Calls the kernels do not cover fall back by ``log_fallback``."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation != "auto":
+    return implementation
+  if pallas_available():
+    return "pallas"
+  _log_once(logging.INFO, f"implementation='auto' on backend {jax.default_backend()!r}: the "
+            "Pallas kernels need a GPU with Pallas' Triton lowering; using the XLA path.")
+  return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(level: int, message: str) -> None:
+  logging.log(level, message)
+
+
 def log_fallback(reason: str) -> None:
-  """Logs once per distinct ``reason`` that the Pallas kernels were asked for but not used."""
-  logging.warning("Pallas attention not used (%s): falling back to the XLA path.", reason)
+  """Logs once per distinct ``reason`` that the Pallas kernels were selected (``"pallas"``, or
+  ``"auto"`` on a GPU) but do not cover the call, which then runs on the XLA path."""
+  _log_once(logging.WARNING, f"Pallas attention not used ({reason}): falling back to the XLA "
+            "path.")
+
+
+def select_implementation(implementation: str, uncovered: Optional[str],
+                          feature_dtype) -> str:
+  """The backend of one call, ``"pallas"`` or ``"xla"``.
+
+  ``uncovered``: why the kernels cannot compute the call (causal attention, a component without
+  a positive log-linear form, ...), None when they can.  ``"auto"`` also leaves float32
+  ``feature_dtype`` to XLA: the compiled float32 kernels are not yet measured to fit a GPU's
+  shared memory (on an H200 a float32 kernel at the 16-bit tiling asked 265 KiB of 227 KiB);
+  ``"pallas"`` runs them (with half the 16-bit tile).  Every fallback is logged once
+  (``log_fallback``).
+  """
+  if resolve_implementation(implementation) != "pallas":
+    return "xla"
+  if uncovered is None and implementation == "auto" and jnp.dtype(feature_dtype) == jnp.float32:
+    uncovered = "float32 features under implementation='auto'"
+  if uncovered is not None:
+    log_fallback(uncovered)
+    return "xla"
+  return "pallas"
 
 
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
@@ -380,7 +420,9 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
     q_mask: ``bool[..., n]`` or None; masked queries give zeros.
     feature_dtype: operand dtype of the feature contractions, float32, bfloat16 or float16
       (exponentials, projections and accumulators are float32 either way).
-    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``.
+    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``
+      for 16-bit features, ``clip(8192 // m, 16, 128)`` for float32 ones (their six-pass
+      products hold more shared memory).
     chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
       programs run over (leading index, chunk).
     num_warps: warps per program on GPU (ignored in interpret mode).
@@ -403,7 +445,8 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
   if v.shape[-2] != l:
     raise ValueError(f"v needs the keys' length {l}, got shape {tuple(v.shape)}.")
   m, dv = w.shape[0], v.shape[-1]
-  tile = block_rows if block_rows is not None else min(128, max(16, 16384 // _pow2(m)))
+  rows = 16384 if feature_dtype.itemsize == 2 else 8192
+  tile = block_rows if block_rows is not None else min(128, max(16, rows // _pow2(m)))
   if tile < 1 or tile & (tile - 1):
     raise ValueError(f"block_rows must be a power of two, got {block_rows!r}.")
   if chunk_rows < 1:

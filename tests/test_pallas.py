@@ -124,3 +124,66 @@ def test_bad_arguments_name_the_value():
     positive_rf_attention_pallas(form, w, v, block_rows=24)
   with pytest.raises(ValueError, match=r"W must be"):
     positive_rf_attention_pallas(form, w[:, :5], v)
+
+
+@pytest.fixture
+def fresh_log():
+  """Forgets which fallbacks were logged, before and after the test (they are logged once)."""
+  from spectraformer_jax import pallas_attention as P
+  P._log_once.cache_clear()
+  yield
+  P._log_once.cache_clear()
+
+
+def test_auto_is_the_default_and_resolves_to_xla_off_gpu_said_once(caplog, monkeypatch,
+                                                                      fresh_log):
+  from configs import base
+  from spectraformer_jax import pallas_attention as P
+
+  assert P.DEFAULT_IMPLEMENTATION == "auto"
+  assert base.get_base_config().model.implementation == P.DEFAULT_IMPLEMENTATION
+  monkeypatch.setattr(P, "pallas_available", lambda: False)
+  with caplog.at_level("INFO"):
+    assert [P.resolve_implementation("auto") for _ in range(3)] == ["xla"] * 3
+    assert P.resolve_implementation("pallas") == "pallas"
+  assert caplog.text.count("implementation='auto'") == 1
+
+
+def test_auto_on_a_gpu_runs_the_kernels_only_where_they_cover_the_call(caplog, monkeypatch,
+                                                                        fresh_log):
+  """With a GPU reported, ``"auto"`` sends bidirectional positive components with 16-bit
+  inputs to the kernels (run here in interpret mode); float32 inputs, causal attention and
+  TrigRF run on the XLA path, each fallback logged once."""
+  from spectraformer_jax import attention as A
+  from spectraformer_jax import pallas_attention as P
+
+  kernel_outputs = []
+  kernels = P.positive_rf_attention_pallas
+
+  def interpreted(*args, **kwargs):
+    kernel_outputs.append(kernels(*args, **{**kwargs, "interpret": True}))
+    return kernel_outputs[-1]
+
+  monkeypatch.setattr(P, "pallas_available", lambda: True)
+  monkeypatch.setattr(P, "positive_rf_attention_pallas", interpreted)
+  ks = jax.random.split(jax.random.key(6), 4)
+  q, k, v = (jax.random.normal(kk, (1, 16, 1, 8)) for kk in ks[:3])
+  w = jax.random.normal(ks[3], (16, 8))
+  run = lambda component, causal, dtype, impl="auto": A.rf_attention(
+      *(t.astype(dtype) for t in (q, k, v)), w, component=component, is_causal=causal,
+      implementation=impl)
+  with caplog.at_level("WARNING"):
+    out = run("oprf", False, jnp.bfloat16)
+    assert len(kernel_outputs) == 1
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(jnp.swapaxes(kernel_outputs[0], 1, 2)
+                                             .astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(run("oprf", False, jnp.float32),
+                                  run("oprf", False, jnp.float32, "xla"))
+    for component, causal, dtype in (("posrf", True, jnp.float32), ("posrf", True, jnp.bfloat16),
+                                     ("trigrf", False, jnp.bfloat16)):
+      run(component, causal, dtype)
+    assert len(kernel_outputs) == 1
+  for reason in ("float32 features under implementation='auto'", "causal",
+                 "component 'trigrf' has no positive log-linear form"):
+    assert caplog.text.count(f"Pallas attention not used ({reason}") == 1, reason

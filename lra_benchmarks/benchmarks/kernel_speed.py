@@ -20,6 +20,20 @@ accuracy check compares the gradients and outputs of ``pallas`` and ``xla`` (bot
     python -m lra_benchmarks.benchmarks.kernel_speed --out_dir=docs/benchmarks
 
 Writes ``kernel_speed.json`` and ``kernel_speed.md``.
+
+``--mode=causal`` times the causal core instead (same inputs, same loss; lengths default
+1k,4k,16k,64k): both schedules of ``causal`` (``recurrent``: the sequential scan over chunks,
+``parallel``: per-chunk states, a parallel prefix scan, every chunk at once) for two cores,
+
+* ``rf``: ``causal.causal_log_attention`` on PosRF's log-linear logits (what
+  ``rf_attention(is_causal=True)`` and the layers run);
+* ``features``: ``causal.causal_linear_attention`` on materialised PosRF features (the core
+  timed against flash-linear-attention in the issue),
+
+at ``causal.DEFAULT_CHUNK_SIZE``, then the ``parallel`` rf core at every chunk of ``--chunks``
+and length of ``--chunk_lengths``, and the relative error of both schedules (in ``--dtype``)
+against the float32 recurrent rf core at the first length.  Writes ``kernel_causal.json`` and
+``kernel_causal.md``.
 """
 
 from __future__ import annotations
@@ -35,12 +49,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lra_benchmarks.benchmarks import common
-from spectraformer_jax import components, fused, weights
+from spectraformer_jax import causal, components, fused, weights
 from spectraformer_jax.pallas_attention import positive_rf_attention_pallas
 
 IMPLEMENTATIONS = ("pallas", "xla", "flash")
 TARGET_MS = 0.35           # layer fwd + bwd at every length
 TARGET_VS_FLASH_AT_MAX = 40.0  # speed-up over flash at the longest length
+CAUSAL_CORES = ("rf", "features")
+# flash-linear-attention's chunk_linear_attn, fwd + bwd at 65536 tokens on an H200 (PyTorch,
+# measured once, n = 1k..64k): the causal target is at or below it at every length.
+FLA_MS = {1024: 5.2, 4096: 4.4, 16384: 3.6, 65536: 5.8}
 
 
 def rf_core(q, k, v, w, *, implementation: str, dtype, pallas_config=None):
@@ -201,9 +219,138 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- causal
+
+
+def causal_core(q, k, v, w, *, core: str, schedule: str, chunk: int):
+  """Causal PosRF attention of ``q, k, v [b, n, h, d]`` (module doc): ``[b, n, h, d]`` f32."""
+  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+  scale = q.shape[-1] ** -0.25
+  x, y = (heads_first(t).astype(jnp.float32) * scale for t in (q, k))
+  v = heads_first(v)
+  if core == "rf":
+    form = components.posrf_log_linear(x, y, w)
+    lq = components.log_linear_logits(form.xq, w, form.col, form.row_q)
+    lk = components.log_linear_logits(form.xk, w, form.col, form.row_k)
+    out = causal.causal_log_attention(lq, lk, v, chunk_size=chunk, schedule=schedule)
+  elif core == "features":
+    phi_q, phi_k = components.posrf_features(x, y, w)
+    out = causal.causal_linear_attention(phi_q, phi_k, v, chunk, guard=False,
+                                         schedule=schedule)
+  else:
+    raise ValueError(f"core must be one of {CAUSAL_CORES}, got {core!r}.")
+  return heads_first(out)
+
+
+def _timed(step: Callable, arrays, args, **row) -> dict:
+  """``row`` with ``measure``'s figures, or the error that stopped it."""
+  try:
+    row.update(measure(step, arrays, args))
+  except Exception as err:  # pylint: disable=broad-except
+    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+  print(row, flush=True)
+  return row
+
+
+def causal_accuracy(n: int, args) -> dict:
+  """Relative L2 error of the output and the q, k, v gradients of both schedules (rf core,
+  ``--dtype`` inputs) against the float32 recurrent rf core at ``HIGHEST`` precision."""
+  arrays = inputs(n, args)
+  rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                           / jnp.linalg.norm(b.astype(jnp.float32)))
+  core = lambda schedule: functools.partial(causal_core, core="rf", schedule=schedule,
+                                            chunk=causal.DEFAULT_CHUNK_SIZE)
+  f32 = [t.astype(jnp.float32) for t in arrays]
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(core("recurrent"))(*f32), make_step(core("recurrent"), False)(*f32)[1]
+  result = {}
+  for schedule in causal.SCHEDULES:
+    got = jax.jit(core(schedule))(*arrays), make_step(core(schedule), False)(*arrays)[1]
+    result[schedule] = dict(zip(["out", "dq", "dk", "dv"],
+                                [rel(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                           jax.tree.leaves(ref))]))
+  return result
+
+
+def run_causal(args) -> dict:
+  """Both schedules of both cores at every length, the chunk table, the accuracy check."""
+  lengths = [common.parse_length(x) for x in common.parse_list(args.lengths)]
+  rows = []
+  for n in lengths:
+    arrays = inputs(n, args)
+    for core in CAUSAL_CORES:
+      for schedule in causal.SCHEDULES:
+        step = make_step(functools.partial(causal_core, core=core, schedule=schedule,
+                                           chunk=causal.DEFAULT_CHUNK_SIZE), False)
+        rows.append(_timed(step, arrays, args, n=n, batch=args.tokens // n, core=core,
+                           schedule=schedule))
+  chunks = []
+  for n in [common.parse_length(x) for x in common.parse_list(args.chunk_lengths) or []]:
+    arrays = inputs(n, args)
+    for chunk in common.parse_list(args.chunks, int):
+      step = make_step(functools.partial(causal_core, core="rf", schedule="parallel",
+                                         chunk=chunk), False)
+      chunks.append(_timed(step, arrays, args, n=n, chunk=chunk))
+  check = causal_accuracy(lengths[0], args)
+  print(check, flush=True)
+  return {"environment": common.environment(), "args": {k: str(v) for k, v in
+                                                        vars(args).items()},
+          "chunk_size": causal.DEFAULT_CHUNK_SIZE, "rows": rows, "chunks": chunks,
+          "accuracy": check}
+
+
+def causal_markdown(result: dict) -> str:
+  """Per length: both schedules of both cores (ms, speed-up, temporaries), fla's figure; the
+  chunk table; the accuracy check."""
+  by = {(r["n"], r["core"], r["schedule"]): r for r in result["rows"]}
+  lengths = sorted({r["n"] for r in result["rows"]})
+  get = lambda n, c, s, key="median_ms": by.get((n, c, s), {}).get(key)
+  ratio = lambda a, b: None if a is None or b is None else a / b
+  table = []
+  for n in lengths:
+    row = [n, int(result["args"]["tokens"]) // n]
+    for core in CAUSAL_CORES:
+      rec, par = get(n, core, "recurrent"), get(n, core, "parallel")
+      row += [rec, par, ratio(rec, par)]
+    row += [get(n, "rf", s, "temp_mib") for s in ("recurrent", "parallel")] + [FLA_MS.get(n)]
+    table.append(row)
+  header = ["n", "batch"]
+  for core in CAUSAL_CORES:
+    header += [f"{core} recurrent ms", f"{core} parallel ms", f"{core} speed-up"]
+  header += [f"rf {s} temp MiB" for s in ("recurrent", "parallel")] + ["fla ms (issue)"]
+  lines = ["# Causal attention core forward + backward: recurrent scan vs chunk-parallel", "",
+           common.environment_markdown(result["environment"]), "",
+           f"Chunk size {result['chunk_size']} (the default); tokens per batch "
+           f"{result['args']['tokens']}, heads {result['args']['heads']}, head_dim "
+           f"{result['args']['head_dim']}, m {result['args']['m']}, inputs "
+           f"{result['args']['dtype']}.", "", common.markdown_table(header, table)]
+  errors = [f"- {r['core']} {r['schedule']} n={r['n']}: {r['error']}" for r in result["rows"]
+            if "error" in r]
+  if errors:
+    lines += ["", "Failures:", *errors]
+  par = [get(n, "rf", "parallel") for n in lengths if get(n, "rf", "parallel") is not None]
+  if par:
+    lines += ["", f"rf parallel: {min(par):.3g}-{max(par):.3g} ms over n = {lengths[0]}.."
+              f"{lengths[-1]} (max / min {max(par) / min(par):.2f}); target: at or below "
+              "fla at every n (3.6 ms at n = 16384)."]
+  if result["chunks"]:
+    lines += ["", "Parallel rf core by chunk size:", "",
+              common.markdown_table(["n", "chunk", "ms", "temp MiB"],
+                                    [[r["n"], r["chunk"], r.get("median_ms", r.get("error")),
+                                      r.get("temp_mib")] for r in result["chunks"]])]
+  acc = result["accuracy"]
+  lines += ["", "Relative L2 error against the float32 recurrent rf core (first length):", "",
+            common.markdown_table(["schedule", *next(iter(acc.values())).keys()],
+                                  [[k, *v.values()] for k, v in acc.items()])]
+  return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--lengths", default="512,1k,2k,4k,8k,16k,32k,64k")
+  parser.add_argument("--mode", default="bidirectional", choices=["bidirectional", "causal"])
+  parser.add_argument("--lengths", default=None,
+                      help="default: 512,1k,2k,4k,8k,16k,32k,64k (bidirectional), "
+                      "1k,4k,16k,64k (causal)")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--heads", type=int, default=2)
   parser.add_argument("--head_dim", type=int, default=32)
@@ -212,20 +359,27 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
   parser.add_argument("--pallas_configs", default="128:512:8")
   parser.add_argument("--tune_lengths", default="")
+  parser.add_argument("--chunks", default="32,64,128,256", help="causal: chunk sizes to time")
+  parser.add_argument("--chunk_lengths", default="4k,64k", help="causal: lengths of --chunks")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--out_dir", default="docs/benchmarks")
   args = parser.parse_args(argv)
   args.dtype = jnp.dtype(args.dtype)
+  if args.lengths is None:
+    args.lengths = "1k,4k,16k,64k" if args.mode == "causal" else "512,1k,2k,4k,8k,16k,32k,64k"
   return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parse_args(argv)
-  result = run(args)
+  causal_mode = args.mode == "causal"
+  result = run_causal(args) if causal_mode else run(args)
+  name = "kernel_causal" if causal_mode else "kernel_speed"
   os.makedirs(args.out_dir, exist_ok=True)
-  common.write_json(os.path.join(args.out_dir, "kernel_speed.json"), result)
-  common.write_text(os.path.join(args.out_dir, "kernel_speed.md"), markdown(result))
+  common.write_json(os.path.join(args.out_dir, f"{name}.json"), result)
+  common.write_text(os.path.join(args.out_dir, f"{name}.md"),
+                    (causal_markdown if causal_mode else markdown)(result))
   return result
 
 

@@ -1,0 +1,11 @@
+"""Byte-level LM with Spectraformer OPRF-ORF attention (m = 128 features).
+
+Causal attention gives OPRF's data-dependent statistics their neutral values
+(PosRF's estimator), so no statistic sees a future token."""
+
+from configs import base, base_lm
+
+
+def get_config():
+  return base.attention(base_lm.get_config(), "spectraformer", component="oprf",
+                        weight="orf")

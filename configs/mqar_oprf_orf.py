@@ -1,0 +1,11 @@
+"""MQAR with Spectraformer OPRF-ORF attention (m = 128 features).
+
+Causal attention gives OPRF's data-dependent statistics their neutral values
+(PosRF's estimator), so no statistic sees a future token."""
+
+from configs import base, base_mqar
+
+
+def get_config():
+  return base.attention(base_mqar.get_config(), "spectraformer", component="oprf",
+                        weight="orf")
