@@ -7,12 +7,11 @@ attention, 300 steps at a higher learning rate.
 
 import ml_collections
 
-from configs import base, base_listops
+from lra_benchmarks import config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.attention(base_listops.get_config(), "spectraformer", component="posrf",
-                          weight="qmc")
+  config = config_lib.get_config("listops,posrf,qmc")
   config.max_length = 512
   config.seq_len = 512
   config.model.num_layers = 1

@@ -10,7 +10,7 @@ Every run is a subprocess ``python -m lra_benchmarks.train --config=configs/<tas
 without its own config file uses ``configs/<task>_softmax.py`` with the attention set by
 overrides), its output in ``train.log`` and the runner's record in ``study_run.json`` of that
 folder. ``--attentions`` takes ``<component>-<weight>`` names, ``softmax``, ``flash``, ``study``
-(the study's 3 x 6 pairs of ``configs/base.py`` plus softmax and flash) and ``all`` (every pair of
+(the study's 3 x 6 pairs of ``lra_benchmarks.config_lib`` plus softmax and flash) and ``all`` (every pair of
 ``spectraformer_jax.registry.valid_pairs()`` plus softmax and flash).
 
 Re-running the same command is safe: a run whose ``results.json`` is complete and whose config
@@ -43,7 +43,13 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
+from ml_collections import config_flags
+
+from lra_benchmarks import config_lib
 from lra_benchmarks import study_report
+from lra_benchmarks.data import listops
+from spectraformer_jax import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -63,11 +69,8 @@ VISIBLE_DEVICES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"
 
 
 def _study_constants() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-  """(TASKS, STUDY_COMPONENTS, STUDY_WEIGHTS) of ``configs/base.py``."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  from configs import base  # pylint: disable=g-import-not-at-top
-  return tuple(base.TASKS), tuple(base.STUDY_COMPONENTS), tuple(base.STUDY_WEIGHTS)
+  """(TASKS, STUDY_COMPONENTS, STUDY_WEIGHTS) of ``lra_benchmarks.config_lib``."""
+  return config_lib.TASKS, config_lib.STUDY_COMPONENTS, config_lib.STUDY_WEIGHTS
 
 
 def _split_list(value: str, what: str) -> list[str]:
@@ -102,7 +105,6 @@ def parse_attentions(value: str) -> list[str]:
     if name == "study":
       out += [f"{c}-{w}" for c in components for w in weights] + list(BASELINES)
     elif name == "all":
-      from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
       out += [f"{c}-{w}" for c, w in registry.valid_pairs()] + list(BASELINES)
     elif name in BASELINES:
       out.append(name)
@@ -122,7 +124,6 @@ def _is_valid_pair(component: str, weight: str, components: Sequence[str],
                    weights: Sequence[str]) -> bool:
   if component in components and weight in weights:
     return True
-  from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
   return (component, weight) in registry.valid_pairs()
 
 
@@ -236,10 +237,6 @@ def resolve_config(run: Run) -> dict[str, Any]:
   Raises:
     ValueError: an override names no config field or has a bad value (the parser's message).
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
   argv = ["study", *run.flags()]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
@@ -307,7 +304,6 @@ def prepare_data(runs: Sequence[Run], say: Callable[[str], None] = print) -> Non
   it, when a ListOps run has no ``data_dir`` override."""
   if any(run.task == "listops" and not any(o.startswith("--config.data_dir=")
                                            for o in run.overrides) for run in runs):
-    from lra_benchmarks.data import listops  # pylint: disable=g-import-not-at-top
     if not os.path.exists(os.path.join(listops.generated_dir(), "tokens.npz")):
       say("Generating the ListOps set once for every run ...")
     listops.ensure_generated()

@@ -16,20 +16,22 @@ import json
 import os
 import sys
 
-# ``configs/<combination>.py`` files import ``configs.base_<task>``: make the repository root
-# importable wherever the command runs from (the package sits next to ``configs/``).
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
+from lra_benchmarks import config_lib
+from lra_benchmarks import data as lra_data
+from lra_benchmarks import train_lib
+from lra_benchmarks.training import checkpoints
 from lra_benchmarks.training import cli
+from lra_benchmarks.training import distributed
+from lra_benchmarks.training import interrupts
+from lra_benchmarks.training import progress
+from lra_benchmarks.training import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (e.g. configs/listops_posrf_qmc.py).",
@@ -82,8 +84,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e))
   if any(a in cli.HELP_FLAGS for a in argv):
     if file_config is None:
-      from configs import base
-      file_config, source = base.get_base_config(), "configs/base.py (pass --config for a task's)"
+      file_config, source = (config_lib.base_config(), "lra_benchmarks.config_lib.base_config "
+                             "(pass --config for a task's)")
     print(cli.help_text("lra_benchmarks.train", _OWN_FLAGS, file_config, source))
     sys.exit(0)
   try:
@@ -119,7 +121,6 @@ def _config_and_workdir() -> tuple[ml_collections.ConfigDict, str]:
 
 def _stored_config(path: str):
   """The ``config.json`` in ``path`` or up to two directories above, or None."""
-  from lra_benchmarks.training import workdir as workdir_lib
   path = os.path.abspath(path)
   for _ in range(3):
     stored = workdir_lib.load_json(os.path.join(path, workdir_lib.CONFIG_FILE))
@@ -132,7 +133,6 @@ def _stored_config(path: str):
 def _start_distributed() -> None:
   """``jax.distributed.initialize`` when asked (flag or environment); a usage error (exit 2)
   for incomplete or contradictory settings, and for process flags without ``--jax_distributed``."""
-  from lra_benchmarks.training import distributed
   given = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
            if flags.FLAGS[name].present]
   if not distributed.requested(_DISTRIBUTED.value):
@@ -159,11 +159,6 @@ def main(argv):
   except cli.UsageError as e:
     fail(str(e))
   _start_distributed()
-  import jax  # after the memory settings: the backend reads them when it starts
-  from lra_benchmarks import data as lra_data
-  from lra_benchmarks import train_lib
-  from lra_benchmarks.training import checkpoints, interrupts
-  from lra_benchmarks.training import workdir as workdir_lib
   try:
     task = lra_data.get_task(config.task)
     train_lib.validate_config(config, task)
@@ -193,7 +188,6 @@ def main(argv):
 
 def _summary(results: dict, path: str) -> str:
   """The closing line: test accuracy, steps, time, rate and memory in human units."""
-  from lra_benchmarks.training import progress
   return (f"test accuracy {results['test_accuracy']:.4f} (step "
           f"{results.get('tested_step', results['best_step'])}, protocol "
           f"{results.get('protocol', 'test')}), {results['steps']} steps, train time "

@@ -1,5 +1,5 @@
-"""Shared pytest set-up: the repository root on sys.path (for ``configs``), one compilation
-cache for the whole run, LRA fixtures."""
+"""Shared pytest set-up: one compilation cache for the whole run, a tiny ListOps data_dir, a
+checkpoint corrupter."""
 
 import os
 import random
@@ -8,10 +8,6 @@ import sys
 import tempfile
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_OWNER = "SPECTRAFORMER_TEST_CACHE_OWNER"

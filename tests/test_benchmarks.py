@@ -108,7 +108,7 @@ def test_attention_table_is_the_output_error_of_rf_attention():
   attention output, with W drawn from fold_in(key(seed + 1), draw) as its recorded tables."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from lra_benchmarks import attention_table  # pylint: disable=import-outside-toplevel
+  from lra_benchmarks.benchmarks import attention_table  # pylint: disable=import-outside-toplevel
   from spectraformer_jax import attention, registry  # pylint: disable=import-outside-toplevel
   n, dim, seeds = 16, 8, 2
   with jax.default_matmul_precision("highest"):

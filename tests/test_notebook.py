@@ -108,3 +108,15 @@ def test_kernel_explorer(tmp_path, monkeypatch, capsys):
   for errors in namespace["rel_mse"].values():
     assert errors[-1] < errors[0]  # more features, smaller error
   assert len(namespace["best"]) == len(namespace["components"])
+
+
+def test_study(tmp_path, monkeypatch, capsys):
+  """Two ListOps attentions through the study runner (its trainings are subprocesses, which
+  find the package as the install cell leaves it), then the table and the heatmap."""
+  namespace, out = _run("study", tmp_path, monkeypatch, capsys, PYTHONPATH=str(ROOT))
+  assert namespace["status"] == 0, out
+  runs = namespace["report"]["runs"]
+  assert sorted(r["attention"] for r in runs) == ["posrf-qmc", "softmax"]
+  assert all(r["status"] == "done" and 0 <= r["test_accuracy_pct"] <= 100 and r["steps"] == 3
+             for r in runs), runs
+  assert "posrf-qmc" in out and os.path.getsize(namespace["heatmap"]) > 0

@@ -1,6 +1,6 @@
-"""Closing table of issue 2: relative MSE of the softmax-kernel estimate for every pair.
+"""Relative MSE of the softmax-kernel estimate for every pair (the first table of docs/estimators.md).
 
-    python -m lra_benchmarks.kernel_table --out docs/kernel_table.json
+    python -m lra_benchmarks.benchmarks.kernel_table --out docs/kernel_table.json
 
 For every registered (component, weight) pair (learned weights at their init, GERF at its init
 A = 0): draw ``--draws`` independent W (m = ``--num_features``, d = ``--dim``), take ``--n``

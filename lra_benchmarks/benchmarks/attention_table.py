@@ -1,6 +1,6 @@
 """Relative error of random-feature attention vs exact softmax attention, every registered pair.
 
-    python -m lra_benchmarks.attention_table --out docs/attention_table.json
+    python -m lra_benchmarks.benchmarks.attention_table --out docs/attention_table.json
 
 For each allowed (component, weight) pair (``registry.valid_pairs()``) and m in --features:
 relative Frobenius error ``|out_rf - out_exact|_F / |out_exact|_F`` of the attention outputs on
