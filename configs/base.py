@@ -4,6 +4,8 @@ built on them: ``get_base_config()`` and ``attention(config, kind, component, we
 The defaults live in ``lra_benchmarks.config_lib`` (model fields: ``models.ModelConfig``).
 """
 
-from lra_benchmarks.config_lib import STUDY_COMPONENTS, STUDY_WEIGHTS, TASKS  # pylint: disable=unused-import
-from lra_benchmarks.config_lib import base_config as get_base_config  # pylint: disable=unused-import
-from lra_benchmarks.config_lib import set_attention as attention  # pylint: disable=unused-import
+from lra_benchmarks.config_lib import STUDY_COMPONENTS, STUDY_WEIGHTS, TASKS
+from lra_benchmarks.config_lib import base_config as get_base_config
+from lra_benchmarks.config_lib import set_attention as attention
+
+__all__ = ["STUDY_COMPONENTS", "STUDY_WEIGHTS", "TASKS", "attention", "get_base_config"]

@@ -33,12 +33,14 @@ import jax
 import jax.numpy as jnp
 
 from spectraformer_jax import baselines
+from spectraformer_jax import layers
 from spectraformer_jax import pallas_attention
+from spectraformer_jax import registry
 
-ATTENTION_KINDS = ("softmax", "flash", "spectraformer") + tuple(baselines.KINDS)
+ATTENTION_KINDS = layers.ATTENTION_CHOICES + tuple(baselines.KINDS)
 _BASELINE_FIELDS = sorted({f for fields in baselines.HYPERPARAMETERS.values() for f in fields})
 POOLINGS = ("mean", "cls")
-REDRAWS = ("never", "always")
+REDRAWS = layers.REDRAW_CHOICES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -65,7 +67,7 @@ class ModelConfig:
   num_features: int = 128
   redraw: str = "never"
   fused: bool = True
-  implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION  # fused path: xla | pallas | auto
+  implementation: str = pallas_attention.DEFAULT_IMPLEMENTATION  # fused path: auto | pallas | xla
   dtype: str = "float32"
   baseline: tuple = ()  # (field, value) pairs of the baseline's hyperparameters
 
@@ -105,7 +107,6 @@ class ModelConfig:
       if not 0.0 <= value < 1.0:
         bad(field, value, "must be in [0, 1)")
     if self.attention == "spectraformer":
-      from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
       registry.check_pair(self.component, self.weight)
     for field, value in self.baseline:
       if field not in _BASELINE_FIELDS:
@@ -119,7 +120,6 @@ class ModelConfig:
   def validate_causal(self) -> None:
     """Raises ValueError unless the attention runs causally: softmax, flash, or random
     features with a component of ``registry.supports_causal``."""
-    from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
     causal_components = [c for c in registry.component_names() if registry.supports_causal(c)]
     if self.attention in baselines.KINDS:
       raise ValueError(
@@ -157,7 +157,6 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool):
-    from spectraformer_jax import layers  # pylint: disable=g-import-not-at-top
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     y = nn.LayerNorm(dtype=dtype)(x)

@@ -39,13 +39,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from lra_benchmarks import data as lra_data
 from lra_benchmarks import models
 from lra_benchmarks.data import IGNORE
+from lra_benchmarks.data import input_pipeline
 from lra_benchmarks.training import checkpoints as checkpoints_lib
 from lra_benchmarks.training import evaluate as evaluate_lib
 from lra_benchmarks.training import interrupts
 from lra_benchmarks.training import progress as progress_lib
 from lra_benchmarks.training import workdir as workdir_lib
+from spectraformer_jax import layers
 
 SCHEDULES = ("linear", "rsqrt", "constant")
 _SPLITS = ("train", "validation", "test")
@@ -378,7 +381,6 @@ def build(config: ml_collections.ConfigDict, task: Any,
   eval_step = jax.jit(make_eval_step(model, dual=task.dual), out_shardings=shard.replicated)
   redraw = None
   if config.model.redraw_every:
-    from spectraformer_jax import layers  # pylint: disable=g-import-not-at-top
 
     def redraw_features(state):
       key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
@@ -394,7 +396,6 @@ def make_evaluator(setup: Setup, datasets: dict[str, dict], config: ml_collectio
                    reporter: progress_lib.ProgressReporter,
                    should_stop: Callable[[], bool] = lambda: False) -> evaluate_lib.Evaluator:
   """An evaluator over this host's share of ``datasets`` (``config.eval_batch_size``)."""
-  from lra_benchmarks.data import input_pipeline  # pylint: disable=g-import-not-at-top
   index, count = jax.process_index(), jax.process_count()
   host_batch = (config.eval_batch_size or config.batch_size) // count
   return evaluate_lib.Evaluator(
@@ -527,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains, evaluates and tests; returns (and writes to ``workdir/results.json``) the results.
 
   Args:
-    config: a config from ``configs/`` (see ``configs/base.py`` for the fields).
+    config: a config from ``configs/`` (see ``lra_benchmarks.config_lib`` for the fields).
     workdir: output directory; a run in a directory with checkpoints resumes from the newest
       readable one (the directory's ``config.json`` must match, see ``training.workdir``).
     datasets: optional ``{"train"|"validation"|"test": arrays}`` in the format of
@@ -540,7 +541,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Raises:
     WorkdirError, CheckpointError, Interrupted, ValueError (bad config), DataNotFoundError.
   """
-  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
   task = lra_data.get_task(config.task)
   model_config = validate_config(config, task)
   check_batch_divides(config.batch_size)
@@ -593,7 +593,6 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, m
   """The training loop from ``state.step``: logs, validates (model selection, early stopping),
   checkpoints every ``checkpoint_every`` steps or ``checkpoint_every_seconds``, at the end and
   on a stop request. Updates ``meta``; returns the final state and the compiled train step."""
-  from lra_benchmarks.data import input_pipeline  # pylint: disable=g-import-not-at-top
   latest, best = stores
   step = int(state.step)
   batches = input_pipeline.train_batches(
@@ -760,7 +759,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
   protocol): ``{"checkpoint", "step", "protocol", "validation_accuracy", "validation_loss",
   "test_accuracy", "test_loss", ...}``. ``path`` as ``checkpoint_candidates``; the newest
   readable checkpoint of the first store that has one is used."""
-  from lra_benchmarks import data as lra_data  # pylint: disable=g-import-not-at-top
   task = lra_data.get_task(config.task)
   model_config = validate_config(config, task)
   check_batch_divides(config.eval_batch_size or config.batch_size, "config.eval_batch_size")

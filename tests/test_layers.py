@@ -8,6 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 from spectraformer_jax import layers as L
+from spectraformer_jax.layers import nnx as layers_nnx
 from spectraformer_jax import registry
 
 B, N, D, H = 2, 24, 32, 2
@@ -114,8 +115,8 @@ def test_linen_equals_nnx_for_same_params_and_w():
     _copy_linen_to_nnx(v, m)
     spec = registry.get_weight(weight)
     if spec.learnable:
-      m.weight_params = L._to_vars(dict(v["params"]["weight"]), nnx.Param)
-      m.weight_buffers = L._to_vars(dict(v["random_features"]["buffers"]), L.WeightBuffers)
+      m.weight_params = layers_nnx._to_vars(dict(v["params"]["weight"]), nnx.Param)
+      m.weight_buffers = layers_nnx._to_vars(dict(v["random_features"]["buffers"]), L.WeightBuffers)
     else:
       m.random_features["W"][...] = v["random_features"]["W"]
     with jax.default_matmul_precision("highest"):

@@ -120,3 +120,14 @@ def test_study(tmp_path, monkeypatch, capsys):
   assert all(r["status"] == "done" and 0 <= r["test_accuracy_pct"] <= 100 and r["steps"] == 3
              for r in runs), runs
   assert "posrf-qmc" in out and os.path.getsize(namespace["heatmap"]) > 0
+
+
+def test_choose_combination(tmp_path, monkeypatch, capsys):
+  namespace, out = _run("choose_combination", tmp_path, monkeypatch, capsys)
+  ranked = namespace["recommendation"]["ranking"]
+  assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+  assert [r["error"] for r in ranked] == sorted(r["error"] for r in ranked)
+  assert [r["combination"] for r in namespace["trained"]] == [r["combination"]
+                                                              for r in ranked[:3]]
+  assert all(0 <= r["test_accuracy"] <= 1 for r in namespace["trained"])
+  assert "Measured" in out

@@ -46,7 +46,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lra_benchmarks.benchmarks import common
 from spectraformer_jax import causal, components, fused, weights

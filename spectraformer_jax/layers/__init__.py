@@ -62,7 +62,6 @@ from spectraformer_jax.layers.core import RF_COLLECTION
 from spectraformer_jax.layers.linen import redraw_random_features
 from spectraformer_jax.layers.linen import RFMultiHeadDotProductAttention
 # Private, kept importable here for tests/test_layers.py.
-from spectraformer_jax.layers.nnx import _to_vars  # pylint: disable=unused-import
 from spectraformer_jax.layers.nnx import RandomFeatures
 from spectraformer_jax.layers.nnx import redraw_random_features_nnx
 from spectraformer_jax.layers.nnx import RFMultiHeadAttention
