@@ -103,7 +103,7 @@ def test_measure_speed_times_a_train_step():
 
 def test_cli_errors(tmp_path):
   speed_json = _speed_json(tmp_path / "speed.json")
-  with pytest.raises(ValueError, match="unknown LRA task 'sudoku'.*listops"):
+  with pytest.raises(ValueError, match="unknown task 'sudoku'.*listops"):
     recommend.main(["--task=sudoku"])
   with pytest.raises(FileNotFoundError, match="no such directory"):
     recommend.main(["--task=listops", f"--checkpoint={tmp_path / 'missing'}"])
