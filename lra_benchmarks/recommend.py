@@ -46,6 +46,7 @@ import numpy as np
 import scipy.stats
 
 from lra_benchmarks import data as lra_data
+from lra_benchmarks import train_lib
 from lra_benchmarks.benchmarks import approximation, common, speed
 
 Layers = dict[str, list[tuple]]  # layer path -> [(q, k, v, kv_mask)], q/k/v float32[b, n, h, d]
@@ -111,7 +112,6 @@ def warmup_projections(config: ml_collections.ConfigDict, workdir: str, examples
                        datasets: Optional[dict[str, dict]] = None) -> Layers:
   """Trains ``config`` in ``workdir`` (``train_lib.train_and_evaluate``; ``datasets`` default
   ``warmup_datasets``) and returns every layer's q/k/v on ``examples`` validation sequences."""
-  from lra_benchmarks import train_lib  # pylint: disable=import-outside-toplevel
   datasets = warmup_datasets(config, examples) if datasets is None else datasets
   train_lib.train_and_evaluate(config, workdir, datasets=datasets)
   validation = {k: v[:examples] for k, v in datasets["validation"].items()}

@@ -34,9 +34,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from spectraformer_jax import components
 from spectraformer_jax import exact
 from spectraformer_jax import linear
-from spectraformer_jax import components
+from spectraformer_jax import registry
 from spectraformer_jax._dtypes import f32 as _f32
 
 
@@ -91,7 +92,6 @@ def token_features(spec, x: jax.Array, y: jax.Array, W: jax.Array, params=None) 
     phi_q, phi_k = spec.features(x, y, W, params=params)
     zero = jnp.zeros(phi_q.shape[:-2] + (1,), jnp.float32)
     return TokenFeatures(zero, zero, one(_f32(phi_q)), one(_f32(phi_k)))
-  from spectraformer_jax import registry  # pylint: disable=g-import-not-at-top
   raise ValueError(
       f"Component {spec.name!r} has no causal form, so it cannot decode recurrently; causal "
       f"components: {[c for c in registry.component_names() if registry.supports_causal(c)]}.")

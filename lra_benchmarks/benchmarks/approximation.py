@@ -35,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lra_benchmarks import data as lra_data
+from lra_benchmarks import models
+from lra_benchmarks import train_lib
 from lra_benchmarks.benchmarks import common
+from spectraformer_jax import attention
+from spectraformer_jax import registry
 
 DEFAULT_M = (32, 64, 128, 256)
 DEFAULT_SCALES = (0.5, 1.0, 1.5)
@@ -71,7 +76,6 @@ def attention_errors(q, k, v, w, cparams, kv_mask, *, component: str):
   ``kv_mask`` bool[b, n] (True = real token) or None; masked positions are left out of both
   the keys and the error (queries at padding are not scored).
   """
-  from spectraformer_jax import attention, registry  # pylint: disable=import-outside-toplevel
   spec = registry.get_component(component)
   d = q.shape[-1]
   attn, out = _exact(q, k, v, kv_mask)
@@ -96,7 +100,6 @@ def attention_errors(q, k, v, w, cparams, kv_mask, *, component: str):
 
 def draw_features(component: str, weight: str, key, m: int, d: int):
   """(W float32[m, d], component params or None) for one combination."""
-  from spectraformer_jax import registry  # pylint: disable=import-outside-toplevel
   comp, wspec = registry.check_pair(component, weight)
   kw, kc = jax.random.split(key)
   params, buffers = wspec.init(kw, m, d)
@@ -155,8 +158,6 @@ def checkpoint_inputs(workdir: str, *, num_batches: int = 1, split: str = "valid
   import json  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from lra_benchmarks import data as lra_data  # pylint: disable=import-outside-toplevel
-  from lra_benchmarks import models, train_lib  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import jax
 import numpy as np
 
+from spectraformer_jax import registry
+
 
 # ----------------------------------------------------------------------------- timing
 
@@ -83,7 +85,6 @@ def select_pairs(spec: Optional[str], components: Optional[Sequence[str]] = None
   ``component:weight`` (each validated by the registry). ``components``/``weights``
   filter the result.
   """
-  from spectraformer_jax import registry  # pylint: disable=import-outside-toplevel
   names = parse_list(spec)
   if names is None:
     pairs = list(registry.valid_pairs())

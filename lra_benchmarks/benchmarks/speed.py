@@ -48,10 +48,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectraformer_jax import baselines as _efficient_baselines
 from lra_benchmarks import config_lib
+from lra_benchmarks import data as lra_data
+from lra_benchmarks import models
 from lra_benchmarks import train_lib
 from lra_benchmarks.benchmarks import common
+from spectraformer_jax import baselines as _efficient_baselines
+from spectraformer_jax import layers
 
 # The study's shapes: (batch, length); retrieval feeds two documents of this length.
 TASK_SHAPES = {"listops": (32, 2048), "text": (32, 4096), "retrieval": (16, 4096),
@@ -134,8 +137,6 @@ def task_config(task: str, variant: tuple, args):
 def build_step(task: str, variant: tuple, args):
   """(compiled train step, state, batch) for one task and attention; the step is
   ``jit(train_lib.make_train_step(...), donate_argnums=0)`` compiled ahead of time."""
-  from lra_benchmarks import data as lra_data  # pylint: disable=import-outside-toplevel
-  from lra_benchmarks import models  # pylint: disable=import-outside-toplevel
   config = task_config(task, variant, args)
   info = lra_data.get_task(task)
   model_config = train_lib.validate_config(config, info)
@@ -280,7 +281,6 @@ def run_steps(tasks: list[str], variants: list[tuple], args, log) -> list[dict]:
 
 def build_layer_step(variant: tuple, n: int, batch: int, args):
   """Compiled forward+backward of the attention layer alone on ``x [batch, n, 64]``."""
-  from spectraformer_jax import layers  # pylint: disable=import-outside-toplevel
   kind, comp, weight = variant
   dtype = jnp.dtype(args.dtype or "float32")
   kwargs = dict(component=comp, weight=weight, num_features=args.m) if kind == "spectraformer" \
