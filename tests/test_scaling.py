@@ -56,6 +56,9 @@ def test_missing_config_is_named(tmp_path):
 
 def test_two_fake_devices_run_through_the_trainer_and_resume(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
+  # The trainings compile their own programs: the suite's shared compilation cache, filled by
+  # other processes at the same time, stays out of the device-count comparison.
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   argv = [f"--configs={QUICK}", "--devices=1,2", "--modes=weak", "--steps=2", "--platform=cpu",
           f"--out_dir={tmp_path}", "--set=num_eval_steps=1", "--set=model.num_layers=1"]
   rows = scaling.main(argv)
@@ -68,3 +71,10 @@ def test_two_fake_devices_run_through_the_trainer_and_resume(tmp_path, monkeypat
   # A second call reuses the finished points: same figures, no new training.
   again = scaling.main(argv)
   assert [r["steps_per_second"] for r in again] == [r["steps_per_second"] for r in rows]
+
+
+def test_failure_summary_keeps_the_cause_of_a_long_crash():
+  output = "start\nF1202 12:00 Check failed: devices == 2\n" + "noise line\n" * 500
+  summary = scaling.failure_summary(output, limit=100)
+  assert "Check failed: devices == 2" in summary
+  assert summary.endswith("noise line\n") and len(summary) < 300

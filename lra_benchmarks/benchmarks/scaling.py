@@ -124,6 +124,15 @@ def read_results(workdir: str) -> Optional[dict]:
   return results if isinstance(results.get("steps_per_second"), (int, float)) else None
 
 
+def failure_summary(output: str, limit: int = 600) -> str:
+  """What a failed run printed that says why: its error and check-failure lines (at most five)
+  and the end of its output, within about ``limit`` characters each."""
+  lines = output.splitlines()
+  causes = [l for l in lines if any(k in l for k in ("Error", "Check failed", "Fatal", "F0", "F1"))]
+  head = "\n".join(causes[:5])[:limit]
+  return (head + "\n...\n" if head else "") + output[-limit:]
+
+
 def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
   """Runs (or reuses) one point and returns its row."""
   workdir = os.path.join(args.out_dir, "runs", point.name)
@@ -137,7 +146,7 @@ def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
                           text=True, timeout=args.timeout, check=False)
     results = read_results(workdir)
     if results is None:
-      row["error"] = f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"
+      row["error"] = f"exit {proc.returncode}: {failure_summary(proc.stderr or proc.stdout)}"
       return row
   if results.get("devices") != point.devices:
     row["error"] = (f"the run saw {results.get('devices')} devices, not {point.devices}: "
