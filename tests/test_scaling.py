@@ -54,13 +54,14 @@ def test_missing_config_is_named(tmp_path):
     scaling.main(["--configs=nope.py", "--devices=1", f"--out_dir={tmp_path}"])
 
 
-def test_two_fake_devices_run_through_the_trainer_and_resume(tmp_path, monkeypatch):
+def test_two_fake_devices_run_through_the_trainer_and_resume(tmp_path, monkeypatch, listops_dir):
   monkeypatch.chdir(REPO)
   # The trainings compile their own programs: the suite's shared compilation cache, filled by
   # other processes at the same time, stays out of the device-count comparison.
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   argv = [f"--configs={QUICK}", "--devices=1,2", "--modes=weak", "--steps=2", "--platform=cpu",
-          f"--out_dir={tmp_path}", "--set=num_eval_steps=1", "--set=model.num_layers=1"]
+          f"--out_dir={tmp_path}", f"--data_dir={listops_dir}", "--set=num_eval_steps=1",
+          "--set=model.num_layers=1", "--set=max_length=128", "--set=seq_len=128"]
   rows = scaling.main(argv)
   assert [r.get("error") for r in rows] == [None, None]
   assert [r["global_batch"] for r in rows] == [32, 64]
