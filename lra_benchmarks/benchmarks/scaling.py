@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from lra_benchmarks import study_report
 from lra_benchmarks.benchmarks import common
 
 MODES = ("weak", "strong")
@@ -116,12 +116,8 @@ def command(point: Point, workdir: str, steps: int, data_dir: Optional[str],
 
 def read_results(workdir: str) -> Optional[dict]:
   """The run's ``results.json`` if it is complete (has ``steps_per_second``), else None."""
-  try:
-    with open(os.path.join(workdir, RESULTS), encoding="utf-8") as f:
-      results = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return results if isinstance(results.get("steps_per_second"), (int, float)) else None
+  results = study_report.read_json(os.path.join(workdir, RESULTS))
+  return results if results and isinstance(results.get("steps_per_second"), (int, float)) else None
 
 
 def failure_summary(output: str, limit: int = 600) -> str:
