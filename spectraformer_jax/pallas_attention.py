@@ -56,12 +56,14 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float1
 class Blocking(NamedTuple):
   """Static tiling: ``tile`` rows per in-kernel step, ``chunk`` rows per program (a multiple of
   ``tile``), ``interpret`` runs the kernels as XLA ops (CPU), ``feature_dtype`` is the operand
-  dtype of the feature contractions (accumulation is float32), ``num_warps`` per program (GPU)."""
+  dtype of the feature contractions (accumulation is float32), ``num_warps`` per program and
+  ``num_stages`` of Triton's software pipeline (GPU)."""
   tile: int
   chunk: int
   interpret: bool
   feature_dtype: jnp.dtype
   num_warps: int
+  num_stages: int = 2
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -237,7 +239,8 @@ def _call(kernel, blk, grid, in_specs, out_specs, out_shape):
   params = {}
   if not blk.interpret:
     from jax.experimental.pallas import triton as pl_triton  # GPU only
-    params["compiler_params"] = pl_triton.CompilerParams(num_warps=blk.num_warps, num_stages=2)
+    params["compiler_params"] = pl_triton.CompilerParams(num_warps=blk.num_warps,
+                                                           num_stages=blk.num_stages)
   return pl.pallas_call(functools.partial(kernel, blk=blk), grid=grid, in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, interpret=blk.interpret,
                         **params)
@@ -407,7 +410,7 @@ def select_implementation(implementation: str, uncovered: Optional[str],
 
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
                                  feature_dtype=jnp.float32, block_rows: Optional[int] = None,
-                                 chunk_rows: int = 512, num_warps: int = 8,
+                                 chunk_rows: int = 512, num_warps: int = 8, num_stages: int = 2,
                                  interpret: Optional[bool] = None):
   """Bidirectional RF attention from log-linear features by Pallas kernels (module doc).
 
@@ -426,6 +429,7 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
     chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
       programs run over (leading index, chunk).
     num_warps: warps per program on GPU (ignored in interpret mode).
+    num_stages: stages of Triton's software pipeline on GPU (ignored in interpret mode).
     interpret: run the kernels as XLA ops; None: when no GPU is the default backend.
 
   Returns:
@@ -474,6 +478,7 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
       colmask=jnp.where(jnp.arange(m2) < m, 0.0, -jnp.inf))
   blk = Blocking(tile=tile, chunk=chunk,
                  interpret=(not pallas_available()) if interpret is None else bool(interpret),
-                 feature_dtype=feature_dtype, num_warps=int(num_warps))
+                 feature_dtype=feature_dtype, num_warps=int(num_warps),
+                 num_stages=int(num_stages))
   out = _attend(padded, blk)[:, :n, :dv]
   return out.reshape(lead + (n, dv))

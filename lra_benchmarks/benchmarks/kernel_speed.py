@@ -11,8 +11,10 @@ Implementations:
 * ``flash``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only).
 
 Timing: ``--warmup`` calls, then the median of ``--reps`` calls, each timed on the host clock
-after ``block_until_ready`` (``common.time_calls``); memory: the compiled call's
-``memory_analysis().temp_size_in_bytes``.  ``--pallas_configs`` (``tile:chunk:warps``, comma
+after ``block_until_ready`` (``common.time_calls``: dispatch included), and the time per call of
+``--reps`` calls dispatched back to back (``common.time_pipelined``: as a training loop runs
+them); memory: the compiled call's
+``memory_analysis().temp_size_in_bytes``.  ``--pallas_configs`` (``tile:chunk:warps[:stages]``, comma
 separated) are all timed at ``--tune_lengths``; the first is the one of the main table.  The
 accuracy check compares the gradients and outputs of ``pallas`` and ``xla`` (both in
 ``--dtype``) with the float32 XLA path at the first length.
@@ -67,7 +69,7 @@ def rf_core(q, k, v, w, *, implementation: str, dtype, pallas_config=None):
   form = components.posrf_log_linear(heads_first(q) * scale, heads_first(k) * scale, w)
   if implementation == "pallas":
     tiling = {} if pallas_config is None else dict(
-        zip(("block_rows", "chunk_rows", "num_warps"), pallas_config))
+        zip(("block_rows", "chunk_rows", "num_warps", "num_stages"), pallas_config))
     out = positive_rf_attention_pallas(form, w, heads_first(v), feature_dtype=dtype, **tiling)
   elif implementation == "xla":
     out = fused.positive_rf_attention(form, w, heads_first(v), feature_dtype=dtype)
@@ -110,6 +112,8 @@ def measure(step: Callable, arrays, args) -> dict:
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   row = common.time_calls(lambda: compiled(*arrays), warmup=args.warmup, reps=args.reps)
+  row["pipelined_ms"] = common.time_pipelined(lambda: compiled(*arrays), warmup=1,
+                                              reps=args.reps)
   row["compile_s"] = compile_s
   row["temp_mib"] = None if mem is None else mem.temp_size_in_bytes / common.MIB
   return row
@@ -132,13 +136,14 @@ def accuracy(n: int, args) -> dict:
   return result
 
 
-def parse_config(text: str) -> list[tuple[int, int, int]]:
-  """``"128:512:4,64:512:4"`` -> ``[(128, 512, 4), (64, 512, 4)]`` (tile:chunk:warps)."""
+def parse_config(text: str) -> list[tuple[int, ...]]:
+  """``"128:512:4,64:512:4:3"`` -> ``[(128, 512, 4), (64, 512, 4, 3)]``
+  (tile:chunk:warps[:stages])."""
   configs = []
   for item in common.parse_list(text):
     parts = item.split(":")
-    if len(parts) != 3:
-      raise ValueError(f"a pallas config is tile:chunk:warps, got {item!r}.")
+    if len(parts) not in (3, 4):
+      raise ValueError(f"a pallas config is tile:chunk:warps[:stages], got {item!r}.")
     configs.append(tuple(int(p) for p in parts))
   return configs
 
@@ -164,7 +169,7 @@ def run(args) -> dict:
   for n in [common.parse_length(x) for x in common.parse_list(args.tune_lengths) or []]:
     arrays = inputs(n, args)
     for config in configs:
-      row = {"n": n, "config": "%d:%d:%d" % config}
+      row = {"n": n, "config": ":".join(map(str, config))}
       try:
         row.update(measure(make_step(attend_fn("pallas", args, config), True), arrays, args))
       except Exception as err:  # pylint: disable=broad-except
@@ -184,18 +189,25 @@ def markdown(result: dict) -> str:
   lengths = sorted({r["n"] for r in result["rows"]})
   ms = lambda n, i: by.get((n, i), {}).get("median_ms")
   ratio = lambda a, b: None if a is None or b is None else a / b
+  pipe = lambda n, i: by.get((n, i), {}).get("pipelined_ms")
   table = [[n, by[(n, "pallas")]["batch"] if (n, "pallas") in by else None,
             ms(n, "pallas"), ms(n, "xla"), ms(n, "flash"),
             ratio(ms(n, "pallas"), ms(n, "xla")), ratio(ms(n, "flash"), ms(n, "pallas")),
+            *(pipe(n, i) for i in IMPLEMENTATIONS),
+            ratio(pipe(n, "flash"), pipe(n, "pallas")),
             *(by.get((n, i), {}).get("temp_mib") for i in IMPLEMENTATIONS)]
            for n in lengths]
   main_config = common.parse_list(result["args"]["pallas_configs"])[0]
   lines = ["# Attention core forward + backward: Pallas vs XLA vs cuDNN flash", "",
            common.environment_markdown(result["environment"]), "",
-           f"Pallas tiling of the main table (tile:chunk:warps): {main_config}.", "",
+           f"Pallas tiling of the main table (tile:chunk:warps[:stages]): {main_config}. "
+           "ms: median of calls waited for one by one (dispatch included); pipelined: calls "
+           "dispatched back to back.", "",
            common.markdown_table(
                ["n", "batch", "pallas ms", "xla ms", "flash ms", "pallas / xla",
-                "flash / pallas", "pallas temp MiB", "xla temp MiB", "flash temp MiB"], table)]
+                "flash / pallas", "pallas pipelined", "xla pipelined", "flash pipelined",
+                "flash / pallas pipelined", "pallas temp MiB", "xla temp MiB",
+                "flash temp MiB"], table)]
   errors = [f"- {r['implementation']} n={r['n']}: {r['error']}" for r in result["rows"]
             if "error" in r]
   if errors:
@@ -207,10 +219,11 @@ def markdown(result: dict) -> str:
               f"{common.fmt(ratio(ms(lengths[-1], 'flash'), ms(lengths[-1], 'pallas')))} "
               f"(target >= {TARGET_VS_FLASH_AT_MAX})."]
   if result["tuning"]:
-    lines += ["", "Pallas tiling (tile:chunk:warps):", "",
-              common.markdown_table(["n", "config", "ms", "temp MiB"],
+    lines += ["", "Pallas tiling (tile:chunk:warps[:stages]):", "",
+              common.markdown_table(["n", "config", "ms", "pipelined ms", "temp MiB"],
                                     [[r["n"], r["config"], r.get("median_ms", r.get("error")),
-                                      r.get("temp_mib")] for r in result["tuning"]])]
+                                      r.get("pipelined_ms"), r.get("temp_mib")]
+                                     for r in result["tuning"]])]
   acc = result["accuracy"]
   lines += ["", "Relative L2 error against the float32 XLA path (first length):", "",
             common.markdown_table(["implementation", *next(iter(acc.values())).keys()],
