@@ -42,9 +42,6 @@ _BASELINE_FIELDS = sorted({f for fields in baselines.HYPERPARAMETERS.values() fo
 POOLINGS = ("mean", "cls")
 REDRAWS = layers.REDRAW_CHOICES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Bit generators of the dropout masks: "threefry" (JAX's default, counter-based in software)
-# or "rbg" (XLA's RngBitGenerator: Philox on GPU, several times cheaper per bit).
-DROPOUT_RNGS = ("threefry", "rbg")
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -63,7 +60,6 @@ class ModelConfig:
   classifier_dim: int = 128
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
-  dropout_rng: str = "rbg"
   pooling: str = "mean"
   attention: str = "softmax"
   component: str = "posrf"
@@ -99,8 +95,6 @@ class ModelConfig:
       bad("redraw", self.redraw, f"must be one of {REDRAWS}")
     if self.dtype not in DTYPES:
       bad("dtype", self.dtype, f"must be one of {tuple(DTYPES)}")
-    if self.dropout_rng not in DROPOUT_RNGS:
-      bad("dropout_rng", self.dropout_rng, f"must be one of {DROPOUT_RNGS}")
     for field in ("num_layers", "emb_dim", "num_heads", "qkv_dim", "mlp_dim", "classifier_dim",
                   "num_features"):
       value = getattr(self, field)
@@ -347,27 +341,14 @@ def init_variables(model: nn.Module, key: jax.Array, example_inputs: tuple,
   return dict(variables)
 
 
-def dropout_key(key: jax.Array, generator: str) -> jax.Array:
-  """The key of the dropout masks: ``key`` itself for ``"threefry"``; for ``"rbg"`` a typed
-  RBG key whose 4 words are drawn from ``key`` (so each seed still gives its own masks, the
-  same on every run of the same program and platform)."""
-  if generator == "threefry":
-    return key
-  if generator == "rbg":
-    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-  raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {generator!r}.")
-
-
 def apply(model: nn.Module, params: Any, random_features: Optional[Any], inputs: tuple, *,
           train: bool, rng: Optional[jax.Array] = None):
-  """Logits; ``rng`` feeds dropout (through ``dropout_key``) and, with ``redraw="always"``,
-  the ``features`` stream."""
+  """Logits; ``rng`` feeds dropout and, with ``redraw="always"``, the ``features`` stream."""
   variables = {"params": params}
   if random_features:
     variables["random_features"] = random_features
   rngs = {}
   if rng is not None:
-    dropout, features_key = jax.random.split(rng)
-    rngs = {"dropout": dropout_key(dropout, model.config.dropout_rng),
-            "features": features_key}
+    dropout_key, features_key = jax.random.split(rng)
+    rngs = {"dropout": dropout_key, "features": features_key}
   return model.apply(variables, *inputs, train=train, rngs=rngs)
