@@ -78,7 +78,7 @@ def _chunk_terms(xq_ref, xk_ref, rk_ref, cb, w, mp, blk, t=None):
   b = jnp.max(lk, axis=1)
   qn = jnp.exp(lq - a[:, None])
   kn = jnp.exp(lk - _safe(b)[:, None])
-  g = _fdot(qn, kn, dt, trans_b=True)
+  g = _fdot(qn, kn, _wide(dt), trans_b=True)
   causal = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
             <= jax.lax.broadcasted_iota(jnp.int32, (c, c), 0))
   ok = causal & (b[None, :] > -jnp.inf) & (g > UNDERFLOW)
@@ -99,8 +99,10 @@ def _cotangents(g_ref, o_ref, inv_ref):
 
 
 def _wide(dtype):
-  """Operand dtype of products with the intra-chunk weights ``wgt`` (up to ``1 / UNDERFLOW``,
-  beyond float16's range): float32 for float16 features, else ``dtype``."""
+  """Operand dtype of ``G = qn kn^T`` (whose small entries, below float16's normal range, can
+  carry a row's largest term) and of products with the intra-chunk weights ``wgt`` (up to
+  ``1 / UNDERFLOW``, beyond float16's range): float32 for float16 features, else ``dtype``
+  (bfloat16 has float32's exponent range)."""
   return jnp.float32 if dtype == jnp.float16 else dtype
 
 

@@ -67,14 +67,15 @@ def _rel(a, b) -> float:
 
 
 def test_values_and_gradients_equal_causal_log_attention_also_for_large_logits():
-  """Masked keys and queries, 3 chunks with a partial one.  Tolerances: float32 rounding of
-  the logits (|logit| * 2^-24 relative per term) through the ratio, ~1e-6 at scale 1 and
-  ~3e-5 at scale 30 (logits of a few hundred)."""
+  """Masked keys and queries, 3 chunks with a partial one.  Both sides round each logit to
+  float32 (``|logit| * 2^-24``, ~1e-7 at scale 1 and ~1e-5 at scale 30 where logits reach a
+  few hundred) and sum in different orders: the tolerances are about 10x that, gradients 10x
+  more (sums of many such terms)."""
   form, w, v, probe = _inputs()
   kv_mask, q_mask = _masks()
   out_p, (gf_p, gw_p, gv_p) = _PALLAS(form, w, v, kv_mask, q_mask, probe)
   out_r, (gf_r, gw_r, gv_r) = _value_and_grads(_reference)(form, w, v, kv_mask, q_mask, probe)
-  for b, tol in zip(range(B), (1e-5, 2e-4)):
+  for b, tol in zip(range(B), (1e-6, 1e-5)):
     assert _rel(out_p[b], out_r[b]) < tol, b
     for name in ("xq", "xk", "col", "row_k"):
       g = getattr(gf_p, name)[b]
@@ -82,9 +83,30 @@ def test_values_and_gradients_equal_causal_log_attention_also_for_large_logits()
       assert _rel(g, getattr(gf_r, name)[b]) < 10 * tol, (b, name)
     assert _rel(gv_p[b], gv_r[b]) < 10 * tol, b
     assert np.max(np.abs(np.asarray(gf_p.row_q[b]))) < 1e-5   # cancels in the ratio
-  assert _rel(gw_p, gw_r) < 2e-3
+  assert _rel(gw_p, gw_r) < 1e-4
   masked_q = ~np.asarray(jnp.broadcast_to(q_mask, (B, H, N)))
   assert np.all(np.asarray(out_p)[masked_q] == 0.0)
+
+
+def test_float16_operands_stay_close_also_for_large_logits():
+  """float16 values and feature operands (float32 exponentials and accumulators): error near
+  float16 rounding (2^-11 ~ 5e-4) times 4, gradients times 20, at both logit scales."""
+  form, w, v, probe = _inputs()
+  kv_mask, q_mask = _masks()
+
+  def half(form, w, v, kv_mask, q_mask):
+    return causal_rf_attention_pallas(form, w, v.astype(jnp.float16), kv_mask, q_mask,
+                                      feature_dtype=jnp.float16, chunk_rows=CHUNK,
+                                      interpret=True)
+
+  out_h, grads_h = _value_and_grads(half)(form, w, v, kv_mask, q_mask, probe)
+  out_r, grads_r = _value_and_grads(_reference)(form, w, v, kv_mask, q_mask, probe)
+  assert _rel(out_h, out_r) < 2e-3
+  (gf_h, *rest_h), (gf_r, *rest_r) = grads_h, grads_r
+  pairs = [(getattr(gf_h, n), getattr(gf_r, n)) for n in ("xq", "xk", "col", "row_k")]
+  for a, b in pairs + list(zip(rest_h, rest_r)):
+    assert np.all(np.isfinite(np.asarray(a)))
+    assert _rel(a, b) < 1e-2
 
 
 def test_causality_a_token_changes_nothing_before_it():
@@ -107,10 +129,11 @@ def test_causality_a_token_changes_nothing_before_it():
 
 
 @pytest.mark.parametrize("component,dtype,tol", [("posrf", jnp.float32, 1e-5),
-                                                 ("gerf", jnp.bfloat16, 2e-2)])
+                                                 ("gerf", jnp.bfloat16, 1e-2)])
 def test_rf_attention_pallas_equals_xla_causal(component, dtype, tol):
   """``rf_attention(is_causal=True)``: the kernels equal the XLA path (values, gradients
-  w.r.t. q, k, v, W and GERF's A).  bfloat16: feature operands rounded to 2^-9."""
+  w.r.t. q, k, v, W and GERF's A).  float32: rounding (~1e-7) times 100; bfloat16: feature
+  operands rounded to 2^-9 ~ 2e-3 on the kernel side only, times 5."""
   ks = jax.random.split(jax.random.key(2), 5)
   q, k, v = (jax.random.normal(kk, (1, 40, 2, 16)).astype(dtype) for kk in ks[:3])
   w = jax.random.normal(ks[3], (16, 16))
@@ -145,8 +168,8 @@ def test_causal_calls_route_to_the_kernels_under_auto_on_a_gpu(monkeypatch, capl
   monkeypatch.setattr(pallas_causal, "causal_rf_attention_pallas", fake)
   q = jax.random.normal(jax.random.key(3), (1, 16, 1, 8))
   w = jax.random.normal(jax.random.key(4), (8, 8))
-  run = lambda component, dtype: A.rf_attention(*(q.astype(dtype),) * 3, w,
-                                                component=component, is_causal=True)
+  run = lambda component, dtype: jax.jit(lambda x: A.rf_attention(
+      x, x, x, w, component=component, is_causal=True))(q.astype(dtype))
   with caplog.at_level("WARNING"):
     run("posrf", jnp.bfloat16)
     assert calls == [jnp.bfloat16]
