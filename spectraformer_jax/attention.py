@@ -170,8 +170,9 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     implementation: the fused path's backend: ``"pallas"`` (``pallas_attention`` or, causal,
       ``pallas_causal``: Pallas kernels, feature maps only as on-chip tiles; interpret mode off
       GPU), ``"xla"`` (``fused.positive_rf_attention`` or ``causal_log_attention``) or
-      ``"auto"`` (pallas on GPU for 16-bit inputs, xla elsewhere).  Where the kernels do not apply, pallas falls back to xla and says so once
-      in the log (``pallas_attention.select_implementation``).
+      ``"auto"`` (pallas on GPU for 16-bit inputs, xla elsewhere).  Where the kernels do not
+      apply, pallas falls back to xla and says so once in the log
+      (``pallas_attention.select_implementation``).
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the

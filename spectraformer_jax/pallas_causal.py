@@ -66,9 +66,9 @@ def _chunk_terms(xq_ref, xk_ref, rk_ref, cb, w, mp, blk, t=None):
 
   ``cb [m]`` column bias (``col``, ``-inf`` at padded columns), ``mp [m]`` the prefix column max
   ``M`` (``LOG_FLOOR`` where no earlier key), ``t [C]`` the shift if known (backward).  Returns
-  ``(lq, lk, qn, kn, wgt, g, qi, t)``: logits ``[C, m]``, ``qn = exp(lq - a)``, ``kn = exp(lk - b)``
-  (0 at masked keys), ``wgt_ij = ok_ij exp(a_i + b_j - T_i)`` and ``G`` (``[C, C]``),
-  ``qi = exp(lq + M - T)`` (0 at unseen columns, ``[C, m]``) and ``T [C]``.
+  ``(lk, qn, kn, wgt, g, qi, t)``: key logits ``[C, m]``, ``qn = exp(lq - a)``,
+  ``kn = exp(lk - b)`` (0 at masked keys), ``wgt_ij = ok_ij exp(a_i + b_j - T_i)`` and ``G``
+  (``[C, C]``), ``qi = exp(lq + M - T)`` (0 at unseen columns, ``[C, m]``) and ``T [C]``.
   """
   dt, c = blk.feature_dtype, blk.chunk
   sl = pl.ds(0, c)
@@ -89,7 +89,7 @@ def _chunk_terms(xq_ref, xk_ref, rk_ref, cb, w, mp, blk, t=None):
   wgt = jnp.exp(jnp.where(ok, ab - t[:, None], LOG_FLOOR))
   seen = mp > 0.5 * LOG_FLOOR
   qi = jnp.exp(jnp.where(seen[None, :], lq + mp[None, :] - t[:, None], LOG_FLOOR))
-  return lq, lk, qn, kn, wgt, g, qi, t
+  return lk, qn, kn, wgt, g, qi, t
 
 
 def _cotangents(g_ref, o_ref, inv_ref):
@@ -124,8 +124,8 @@ def _causal_fwd_kernel(xq_ref, xk_ref, rk_ref, v_ref, qm_ref, cb_ref, w_ref, mp_
                        zp_ref, o_ref, t_ref, inv_ref, *, blk):
   """Kernel B, one chunk: ``out [C, dv]``, the shift ``T [C]`` and ``q / den [C]``."""
   dt = blk.feature_dtype
-  _, _, _, _, wgt, g, qi, t = _chunk_terms(xq_ref, xk_ref, rk_ref, cb_ref[...], w_ref[...],
-                                           mp_ref[...], blk)
+  _, _, _, wgt, g, qi, t = _chunk_terms(xq_ref, xk_ref, rk_ref, cb_ref[...], w_ref[...],
+                                        mp_ref[...], blk)
   p = wgt * g
   sp, zp = sp_ref[...], zp_ref[...]
   num = _fdot(p, v_ref[...], dt) + _fdot(qi, sp, dt)
@@ -158,8 +158,8 @@ def _causal_bwd_kernel(xq_ref, xk_ref, rk_ref, v_ref, g_ref, o_ref, t_ref, inv_r
   """Kernel D, one chunk: ``dxq, dxk, drow_k, dv`` and the chunk's sums of ``dW, dcol``."""
   dt = blk.feature_dtype
   w = w_ref[...]
-  _, lk, qn, kn, wgt, g, qi, _ = _chunk_terms(xq_ref, xk_ref, rk_ref, cb_ref[...], w,
-                                              mp_ref[...], blk, t_ref[...])
+  lk, qn, kn, wgt, g, qi, _ = _chunk_terms(xq_ref, xk_ref, rk_ref, cb_ref[...], w,
+                                           mp_ref[...], blk, t_ref[...])
   v = v_ref[...]
   gg, h = _cotangents(g_ref, o_ref, inv_ref)
   wd = wgt * (_fdot(gg, v, dt, trans_b=True) + h[:, None])          # wgt_ij D_ij
@@ -198,7 +198,8 @@ def _with_column(s, z):
 
 
 def _prefix_states(p: _Padded, cb, blk: Blocking):
-  """Kernel A and the exclusive prefix: ``M [bh, nc, m]``, ``S [bh, nc, m, dv]``, ``Z [bh, nc, m]``."""
+  """Kernel A and the exclusive prefix over chunks: ``M [bh, nc, m]``, ``S [bh, nc, m, dv]``,
+  ``Z [bh, nc, m]``."""
   bh, n, d = p.xk.shape
   m, dv = p.w.shape[0], p.v.shape[-1]
   nc = n // blk.chunk
