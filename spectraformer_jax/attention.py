@@ -155,7 +155,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       shape that broadcasts, e.g. one ``[len]`` mask for the batch).
     is_causal: causal attention (``causal_log_attention``; needs q_len == kv_len);
       data-dependent statistics take their neutral values (``components`` module doc).
-    chunk_size: chunk length of the causal prefix sums.
+    chunk_size: chunk length of the causal prefix sums of the XLA path (the causal kernels
+      keep their own, ``pallas_causal.causal_rf_attention_pallas``'s ``chunk_rows``).
     eps: relative normaliser floor (see module doc; active only for non-positive components).
     precision: precision of the attention contractions of the materialised path (features use
       HIGHEST projections).
