@@ -20,7 +20,8 @@ Forward (``causal_log_attention``'s stabilisation, exact):
   ``G_ij > UNDERFLOW``), the shift ``T_i = max(max_r (lq_ir + M_r), max_{ok} (a_i + b_j +
   log G_ij))`` and ``out_i = num_i / den_i`` with
   ``[num_i, den_i] = sum_{ok} exp(a_i + b_j - T_i) G_ij [v_j, 1] + sum_r exp(lq_ir + M_r - T_i)
-  [S_r, Z_r]`` (``den_i >= 1`` where a key is visible).  Residuals: ``T_i`` and ``q_i / den_i``.
+  [S_r, Z_r]`` (``den_i >= 1`` where a key is visible).  Residuals: the inputs, ``(M, S, Z)``,
+  ``out``, ``T_i`` and ``q_i / den_i`` (``q`` the query mask).
 
 Every term's weight is ``e_ijr = exp(lq_ir + lk_jr - T_i) <= 1``; the shifts are constants.
 Backward (``g_i = dL/dout_i``, ``G'_i = g_i q_i / den_i``, ``h_i = -G'_i . out_i``,
@@ -38,7 +39,8 @@ the key's (a reverse exclusive scan with the same merge; ``exp(lk_jr + Q_r) <= 1
 ``row_q`` cancels in the ratio (zero gradient).  Padding as in ``pallas_attention``: ``d, m,
 dv`` to powers of two (padded feature columns get ``-inf`` on both sides), the sequence to a
 multiple of the chunk (as masked rows).  Backends as in ``pallas_attention`` (Triton on GPU,
-interpret mode elsewhere).
+interpret mode elsewhere).  Tuning: ``chunk_rows`` (``C``: ``[C, C]`` intra-chunk work against
+``m dv / C`` state floats per position) and ``num_warps``; not yet measured on a GPU.
 """
 
 from __future__ import annotations
