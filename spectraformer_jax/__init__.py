@@ -6,6 +6,7 @@ The public API, in one namespace (``import spectraformer_jax as sfj``):
   redraw helpers, and the exact-attention baselines' layer ``BaselineSelfAttention``;
 * attention functions: ``rf_attention`` (Flax layout ``[batch..., len, heads, head_dim]``),
   ``linear_attention`` / ``causal_linear_attention`` / ``causal_log_attention`` (feature layout),
+  the causal Pallas kernels ``causal_rf_attention_pallas`` (log-linear form),
   the exact references ``softmax_attention`` / ``flash_attention``, and ``make_attention_fn``
   for Flax's ``attention_fn`` hook;
 * the registry of component functions ``f`` and weight matrices ``W``: ``component_names``,
@@ -22,6 +23,7 @@ from spectraformer_jax.causal import causal_log_attention
 from spectraformer_jax.exact import flash_attention
 from spectraformer_jax.exact import softmax_attention
 from spectraformer_jax.linear import linear_attention
+from spectraformer_jax.pallas_causal import causal_rf_attention_pallas
 from spectraformer_jax.baselines import BaselineSelfAttention
 from spectraformer_jax.layers import redraw_random_features
 from spectraformer_jax.layers import redraw_random_features_nnx
@@ -43,6 +45,7 @@ __all__ = (
     "RFMultiHeadDotProductAttention",
     "causal_linear_attention",
     "causal_log_attention",
+    "causal_rf_attention_pallas",
     "check_pair",
     "component_names",
     "flash_attention",

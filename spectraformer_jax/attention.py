@@ -31,6 +31,7 @@ from spectraformer_jax import components
 from spectraformer_jax import exact
 from spectraformer_jax import fused as fused_lib
 from spectraformer_jax import pallas_attention
+from spectraformer_jax import pallas_causal
 from spectraformer_jax import registry
 from spectraformer_jax._dtypes import f32 as _f32
 from spectraformer_jax.causal import DEFAULT_CHUNK_SIZE
@@ -94,10 +95,10 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
   """The RF core on head-major arrays ``[..., len, d]`` (leading dims e.g. (batch, heads)) and
   masks ``[..., len]``; returns float32 ``[..., n, dv]``.  ``rf_attention`` wraps it."""
   spec = _component_spec(component)
-  fusable = fused and not is_causal and spec.log_linear is not None
+  fusable = fused and spec.log_linear is not None
   uncovered = None
   if not fusable:
-    uncovered = ("causal" if is_causal else "fused=False" if not fused
+    uncovered = ("fused=False" if not fused
                  else f"component {spec.name!r} has no positive log-linear form")
   fd = _feature_dtype(jnp.dtype(q.dtype))
   impl = pallas_attention.select_implementation(implementation, uncovered, fd)
@@ -110,7 +111,10 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
                      f"{tuple(W.shape)}.")
   xm = None if q_mask is None else jnp.broadcast_to(q_mask, x.shape[:-1])
   ym = None if kv_mask is None else jnp.broadcast_to(kv_mask, y.shape[:-1])
-  if fusable:
+  if fusable and is_causal and impl == "pallas":
+    form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params, causal=True)
+    return pallas_causal.causal_rf_attention_pallas(form, W, v, ym, xm, feature_dtype=fd)
+  if fusable and not is_causal:
     form = spec.log_linear(x, y, W, x_mask=xm, y_mask=ym, params=params)
     if impl == "pallas":
       return pallas_attention.positive_rf_attention_pallas(form, W, v, ym, xm, feature_dtype=fd)
@@ -151,7 +155,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       shape that broadcasts, e.g. one ``[len]`` mask for the batch).
     is_causal: causal attention (``causal_log_attention``; needs q_len == kv_len);
       data-dependent statistics take their neutral values (``components`` module doc).
-    chunk_size: chunk length of the causal prefix sums.
+    chunk_size: chunk length of the causal prefix sums of the XLA path (the causal kernels
+      keep their own, ``pallas_causal.causal_rf_attention_pallas``'s ``chunk_rows``).
     eps: relative normaliser floor (see module doc; active only for non-positive components).
     precision: precision of the attention contractions of the materialised path (features use
       HIGHEST projections).
@@ -160,13 +165,15 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
       maps are recomputed in the backward pass instead of stored, and kept in ``q``'s dtype
       when that is bfloat16/float16 (exponentials and accumulation stay float32).  False, or
       TrigRF, materialises float32 features and calls ``linear_attention``; causal attention
-      always runs ``causal_log_attention`` on float32 log-features.  Both compute the same
-      function.
-    implementation: the fused path's backend: ``"pallas"`` (``pallas_attention``: Pallas
-      kernels, feature maps only as on-chip tiles; interpret mode off GPU), ``"xla"``
-      (``fused.positive_rf_attention``) or ``"auto"`` (pallas on GPU for 16-bit inputs, xla
-      elsewhere).  Where the kernels do not apply, pallas falls back to xla and says so once
-      in the log (``pallas_attention.select_implementation``).
+      runs ``causal_log_attention`` on float32 log-features, or, with a positive log-linear
+      component and the pallas backend, ``pallas_causal.causal_rf_attention_pallas``.  All
+      compute the same function.
+    implementation: the fused path's backend: ``"pallas"`` (``pallas_attention`` or, causal,
+      ``pallas_causal``: Pallas kernels, feature maps only as on-chip tiles; interpret mode off
+      GPU), ``"xla"`` (``fused.positive_rf_attention`` or ``causal_log_attention``) or
+      ``"auto"`` (pallas on GPU for 16-bit inputs, xla elsewhere).  Where the kernels do not
+      apply, pallas falls back to xla and says so once in the log
+      (``pallas_attention.select_implementation``).
 
   q and k are scaled by ``head_dim**-0.25`` so ``phi(q).phi(k)`` estimates
   ``exp(q.k / sqrt(head_dim))``.  Features are max-stabilised (the constants cancel); the

@@ -48,7 +48,7 @@ DEFAULT_CHUNK_SIZE = 128
 SCHEDULES = ("parallel", "recurrent")
 DEFAULT_SCHEDULE = "parallel"
 # Finite stand-in for -inf in the causal log-space stabilisers (exp gives exactly 0, no NaN).
-_NEG = -1e30
+LOG_FLOOR = -1e30
 
 
 def _check_schedule(schedule: str) -> None:
@@ -67,7 +67,7 @@ def _chunk_layout(t, lead, n: int, c: int, tail: tuple[int, ...], fill=0.0):
   return t.reshape((bsz, nc, c) + tail)
 
 
-def _exclusive(inclusive, identity):
+def exclusive_prefix(inclusive, identity):
   """Shifts a prefix ``[B, nc, ...]`` by one chunk: chunk 0 gets ``identity`` (``[B, ...]``)."""
   return jnp.concatenate([identity[:, None], inclusive[:, :-1]], axis=1)
 
@@ -98,7 +98,7 @@ def _causal_chunks(q, k, v, precision, schedule):
   s0 = jnp.zeros((q.shape[0], q.shape[-1], v.shape[-1]), jnp.result_type(q, k, v))
   if schedule == "parallel":
     states = jnp.cumsum(_product_states(k, v, precision), axis=1)
-    return _product_outputs(q, k, v, _exclusive(states, s0), precision)
+    return _product_outputs(q, k, v, exclusive_prefix(states, s0), precision)
 
   def body(state, xs):
     qc, kc, vc = xs
@@ -222,7 +222,7 @@ def causal_linear_attention_reference(phi_q, phi_k, v, mask=None, q_mask=None, *
 def _chunk_shifts(lq, lk, km, m, sq, sk, precision):
   """Stabilisers of chunks (module doc of ``causal_log_attention``), all stop_gradient.
 
-  lq, lk ``[..., C, F]`` (``lk`` already ``_NEG`` at masked keys), km ``bool[..., C]``,
+  lq, lk ``[..., C, F]`` (``lk`` already ``LOG_FLOOR`` at masked keys), km ``bool[..., C]``,
   m ``[..., F]`` (column max of the keys of earlier chunks).  Returns
   ``(a [..., C, 1], b [..., C], g, ok, t)``: ``g = qn kn^T [..., C, C]`` with
   ``qn = sq exp(lq - a)``, ``kn = sk exp(lk - b)`` (0 at masked keys), ``ok [..., C, C]`` the
@@ -242,7 +242,7 @@ def _chunk_shifts(lq, lk, km, m, sq, sk, precision):
   inter = jnp.max(lq + m[..., None, :], -1)
   if sq is None:  # positive: the largest intra-chunk term itself, a + b + log g
     ok = ok & (sg(g) > UNDERFLOW)
-    lg = jnp.where(ok, a + b[..., None, :] + jnp.log(jnp.where(ok, sg(g), 1.0)), _NEG)
+    lg = jnp.where(ok, a + b[..., None, :] + jnp.log(jnp.where(ok, sg(g), 1.0)), LOG_FLOOR)
     intra = jnp.max(lg, -1)
   else:  # signed: the bound a_i + max_{j <= i} b_j of every intra-chunk term
     intra = a[..., 0] + jax.lax.cummax(b, axis=b.ndim - 1)
@@ -250,7 +250,7 @@ def _chunk_shifts(lq, lk, km, m, sq, sk, precision):
 
 
 def _log_states(lk, km, v, sk, precision):
-  """A chunk's column max and state relative to it: ``lk [..., C, F]`` (``_NEG`` at masked
+  """A chunk's column max and state relative to it: ``lk [..., C, F]`` (``LOG_FLOOR`` at masked
   keys), ``km bool[..., C]``, ``v [..., C, D]``, ``sk [..., C, F]`` or None ->
   ``(m [..., F], U [..., F, D])``, ``m_r = max_j lk_jr`` (stop_gradient),
   ``U_r = sum_j exp(lk_jr - m_r) sk_jr v_j`` over unmasked keys."""
@@ -261,10 +261,10 @@ def _log_states(lk, km, v, sk, precision):
   return m, jnp.einsum("...jf,...jd->...fd", kf, v, precision=precision)
 
 
-def _merge_states(left, right):
+def merge_log_states(left, right):
   """Sum of two log-stabilised states, per feature column (associative, exact):
   ``(m1, S1) + (m2, S2) = (M, S1 e^{m1 - M} + S2 e^{m2 - M})``, ``M = max(m1, m2)``;
-  ``m [..., F]``, ``S [..., F, D]``.  ``(_NEG, 0)`` is the identity."""
+  ``m [..., F]``, ``S [..., F, D]``.  ``(LOG_FLOOR, 0)`` is the identity."""
   (m1, s1), (m2, s2) = left, right
   mm = jnp.maximum(m1, m2)
   return mm, s1 * jnp.exp(m1 - mm)[..., None] + s2 * jnp.exp(m2 - mm)[..., None]
@@ -273,14 +273,14 @@ def _merge_states(left, right):
 def _log_outputs(lq, lk, km, v, sq, sk, m, s, precision):
   """``out_i exp(-t_i)`` of chunks given their exclusive states (``causal_log_attention`` doc).
 
-  lq, lk, sq, sk ``[..., C, F]`` (``lk`` already ``_NEG`` at masked keys; sq, sk may be None),
+  lq, lk, sq, sk ``[..., C, F]`` (``lk`` already ``LOG_FLOOR`` at masked keys; sq, sk may be None),
   km ``bool[..., C]``, v ``[..., C, D]``, ``(m [..., F], s [..., F, D])`` the merged state of
   the keys before the chunk.  Returns ``[..., C, D]``.
   """
   a, b, g, ok, t = _chunk_shifts(lq, lk, km, m, sq, sk, precision)
-  w = jnp.exp(jnp.where(ok, a + b[..., None, :] - t[..., None], _NEG))
-  seen = (m > 0.5 * _NEG)[..., None, :]  # columns with an unmasked key in earlier chunks
-  qi = jnp.exp(jnp.where(seen, lq + m[..., None, :] - t[..., None], _NEG))
+  w = jnp.exp(jnp.where(ok, a + b[..., None, :] - t[..., None], LOG_FLOOR))
+  seen = (m > 0.5 * LOG_FLOOR)[..., None, :]  # columns with an unmasked key in earlier chunks
+  qi = jnp.exp(jnp.where(seen, lq + m[..., None, :] - t[..., None], LOG_FLOOR))
   if sq is not None:
     qi = qi * sq
   return (jnp.einsum("...ij,...jd->...id", w * g, v, precision=precision)
@@ -295,19 +295,19 @@ def _causal_log_chunks(lq, lk, km, v, sq, sk, precision, schedule):
   exclusive merge by ``lax.associative_scan``; ``"recurrent"``: a scan over chunks carrying
   one merged state.  Returns ``[B, nc, C, D]``.
   """
-  lk = jnp.where(km[..., None], lk, _NEG)
+  lk = jnp.where(km[..., None], lk, LOG_FLOOR)
   bsz, f, d = lq.shape[0], lq.shape[-1], v.shape[-1]
-  init = (jnp.full((bsz, f), _NEG, jnp.float32), jnp.zeros((bsz, f, d), jnp.float32))
+  init = (jnp.full((bsz, f), LOG_FLOOR, jnp.float32), jnp.zeros((bsz, f, d), jnp.float32))
   if schedule == "parallel":
-    merged = jax.lax.associative_scan(_merge_states, _log_states(lk, km, v, sk, precision),
+    merged = jax.lax.associative_scan(merge_log_states, _log_states(lk, km, v, sk, precision),
                                       axis=1)
-    m, s = (_exclusive(x, x0) for x, x0 in zip(merged, init))
+    m, s = (exclusive_prefix(x, x0) for x, x0 in zip(merged, init))
     return _log_outputs(lq, lk, km, v, sq, sk, m, s, precision)
 
   def body(state, xs):
     lqc, lkc, kmc, vc, sqc, skc = xs
     out = _log_outputs(lqc, lkc, kmc, vc, sqc, skc, *state, precision)
-    return _merge_states(state, _log_states(lkc, kmc, vc, skc, precision)), out
+    return merge_log_states(state, _log_states(lkc, kmc, vc, skc, precision)), out
 
   xs = tuple(None if t is None else jnp.moveaxis(t, 1, 0) for t in (lq, lk, km, v, sq, sk))
   _, out = jax.lax.scan(body, init, xs)

@@ -408,33 +408,15 @@ def select_implementation(implementation: str, uncovered: Optional[str],
   return "pallas"
 
 
-def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
-                                 feature_dtype=jnp.float32, block_rows: Optional[int] = None,
-                                 chunk_rows: int = 512, num_warps: int = 8, num_stages: int = 2,
-                                 interpret: Optional[bool] = None):
-  """Bidirectional RF attention from log-linear features by Pallas kernels (module doc).
+def _prepare(form: LogLinear, w, v, kv_mask, q_mask, feature_dtype, block_rows: Optional[int],
+             chunk_rows: int):
+  """Checks the arguments of the public functions and builds their kernel inputs.
 
-  Args:
-    form: ``components.LogLinear`` of both sides (leading dims broadcast against ``v``'s);
-      ``form.row_q`` cancels in the ratio and gets a zero gradient.
-    w: ``float32[m, d]`` (differentiable).
-    v: values ``[..., l, dv]``.
-    kv_mask: ``bool[..., l]`` (True = real key) or None; masked keys contribute nothing.
-    q_mask: ``bool[..., n]`` or None; masked queries give zeros.
-    feature_dtype: operand dtype of the feature contractions, float32, bfloat16 or float16
-      (exponentials, projections and accumulators are float32 either way).
-    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``
-      for 16-bit features, ``clip(8192 // m, 16, 128)`` for float32 ones (their six-pass
-      products hold more shared memory).
-    chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
-      programs run over (leading index, chunk).
-    num_warps: warps per program on GPU (ignored in interpret mode).
-    num_stages: stages of Triton's software pipeline on GPU (ignored in interpret mode).
-    interpret: run the kernels as XLA ops; None: when no GPU is the default backend.
-
-  Returns:
-    float32 ``[..., n, dv]``: ``sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` (zeros for a
-    masked query or one with no unmasked key).
+  Returns ``(padded, lead, tile, chunk)``: the ``_Padded`` inputs (leading dims flattened to
+  ``bh``, lengths padded to a multiple of ``chunk`` as masked rows, ``d, m, dv`` to powers of
+  two), the broadcast leading shape, the tile (``block_rows`` or its default for ``m`` and the
+  dtype) and the rows per program (``chunk_rows`` rounded to a multiple of the tile, capped at
+  the padded length).
   """
   feature_dtype = jnp.dtype(feature_dtype)
   if feature_dtype not in _DTYPES:
@@ -476,9 +458,43 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
       v=_pad_to(flat(v, (l, dv)), (bh, l2, dv2)),
       qm=_pad_to(flat(qmask, (n,)).astype(jnp.float32), (bh, n2)),
       colmask=jnp.where(jnp.arange(m2) < m, 0.0, -jnp.inf))
+  return padded, lead, tile, chunk
+
+
+def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
+                                 feature_dtype=jnp.float32, block_rows: Optional[int] = None,
+                                 chunk_rows: int = 512, num_warps: int = 8, num_stages: int = 2,
+                                 interpret: Optional[bool] = None):
+  """Bidirectional RF attention from log-linear features by Pallas kernels (module doc).
+
+  Args:
+    form: ``components.LogLinear`` of both sides (leading dims broadcast against ``v``'s);
+      ``form.row_q`` cancels in the ratio and gets a zero gradient.
+    w: ``float32[m, d]`` (differentiable).
+    v: values ``[..., l, dv]``.
+    kv_mask: ``bool[..., l]`` (True = real key) or None; masked keys contribute nothing.
+    q_mask: ``bool[..., n]`` or None; masked queries give zeros.
+    feature_dtype: operand dtype of the feature contractions, float32, bfloat16 or float16
+      (exponentials, projections and accumulators are float32 either way).
+    block_rows: rows per in-kernel tile (a power of two); None: ``clip(16384 // m, 16, 128)``
+      for 16-bit features, ``clip(8192 // m, 16, 128)`` for float32 ones (their six-pass
+      products hold more shared memory).
+    chunk_rows: rows per program (rounded to a multiple of the tile, capped at the length);
+      programs run over (leading index, chunk).
+    num_warps: warps per program on GPU (ignored in interpret mode).
+    num_stages: stages of Triton's software pipeline on GPU (ignored in interpret mode).
+    interpret: run the kernels as XLA ops; None: when no GPU is the default backend.
+
+  Returns:
+    float32 ``[..., n, dv]``: ``sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` (zeros for a
+    masked query or one with no unmasked key).
+  """
+  padded, lead, tile, chunk = _prepare(form, w, v, kv_mask, q_mask, feature_dtype, block_rows,
+                                       chunk_rows)
+  n, dv = jnp.shape(form.xq)[-2], jnp.shape(v)[-1]
   blk = Blocking(tile=tile, chunk=chunk,
                  interpret=(not pallas_available()) if interpret is None else bool(interpret),
-                 feature_dtype=feature_dtype, num_warps=int(num_warps),
+                 feature_dtype=jnp.dtype(feature_dtype), num_warps=int(num_warps),
                  num_stages=int(num_stages))
   out = _attend(padded, blk)[:, :n, :dv]
   return out.reshape(lead + (n, dv))
