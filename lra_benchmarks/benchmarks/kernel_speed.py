@@ -32,10 +32,11 @@ Writes ``kernel_speed.json`` and ``kernel_speed.md``.
 * ``features``: ``causal.causal_linear_attention`` on materialised PosRF features (the core
   timed against flash-linear-attention in the issue),
 
-at ``causal.DEFAULT_CHUNK_SIZE``, then the ``parallel`` rf core at every chunk of ``--chunks``
-and length of ``--chunk_lengths``, and the relative error of both schedules (in ``--dtype``)
-against the float32 recurrent rf core at the first length.  Writes ``kernel_causal.json`` and
-``kernel_causal.md``.
+at ``causal.DEFAULT_CHUNK_SIZE``, the Pallas kernels (``pallas_causal``, features in
+``--dtype``) at every ``--causal_pallas_configs`` (chunk:warps), then the ``parallel`` rf core
+at every chunk of ``--chunks`` and length of ``--chunk_lengths``, and the relative error of
+both schedules and the kernels (in ``--dtype``) against the float32 recurrent rf core at the
+first length.  Writes ``kernel_causal.json`` and ``kernel_causal.md``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 from lra_benchmarks.benchmarks import common
 from spectraformer_jax import causal, components, fused, weights
 from spectraformer_jax.pallas_attention import positive_rf_attention_pallas
+from spectraformer_jax.pallas_causal import causal_rf_attention_pallas
 
 IMPLEMENTATIONS = ("pallas", "xla", "flash")
 TARGET_MS = 0.35           # layer fwd + bwd at every length
@@ -234,13 +236,18 @@ def markdown(result: dict) -> str:
 # ----------------------------------------------------------------------------- causal
 
 
-def causal_core(q, k, v, w, *, core: str, schedule: str, chunk: int):
-  """Causal PosRF attention of ``q, k, v [b, n, h, d]`` (module doc): ``[b, n, h, d]`` f32."""
+def causal_core(q, k, v, w, *, core: str, schedule: str, chunk: int, num_warps: int = 4):
+  """Causal PosRF attention of ``q, k, v [b, n, h, d]`` (module doc): ``[b, n, h, d]`` f32.
+  ``core="pallas"``: ``pallas_causal`` (``schedule`` unused; features in ``q``'s dtype)."""
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   scale = q.shape[-1] ** -0.25
   x, y = (heads_first(t).astype(jnp.float32) * scale for t in (q, k))
   v = heads_first(v)
-  if core == "rf":
+  if core == "pallas":
+    out = causal_rf_attention_pallas(components.posrf_log_linear(x, y, w), w, v,
+                                     feature_dtype=q.dtype, chunk_rows=chunk,
+                                     num_warps=num_warps)
+  elif core == "rf":
     form = components.posrf_log_linear(x, y, w)
     lq = components.log_linear_logits(form.xq, w, form.col, form.row_q)
     lk = components.log_linear_logits(form.xk, w, form.col, form.row_k)
@@ -250,7 +257,7 @@ def causal_core(q, k, v, w, *, core: str, schedule: str, chunk: int):
     out = causal.causal_linear_attention(phi_q, phi_k, v, chunk, guard=False,
                                          schedule=schedule)
   else:
-    raise ValueError(f"core must be one of {CAUSAL_CORES}, got {core!r}.")
+    raise ValueError(f"core must be one of {CAUSAL_CORES + ('pallas',)}, got {core!r}.")
   return heads_first(out)
 
 
@@ -275,13 +282,32 @@ def causal_accuracy(n: int, args) -> dict:
   f32 = [t.astype(jnp.float32) for t in arrays]
   with jax.default_matmul_precision("highest"):
     ref = jax.jit(core("recurrent"))(*f32), make_step(core("recurrent"), False)(*f32)[1]
+  chunk, warps = parse_causal_config(args.causal_pallas_configs)[0]
+  fns = {schedule: core(schedule) for schedule in causal.SCHEDULES}
+  fns["pallas"] = functools.partial(causal_core, core="pallas", schedule="", chunk=chunk,
+                                    num_warps=warps)
   result = {}
-  for schedule in causal.SCHEDULES:
-    got = jax.jit(core(schedule))(*arrays), make_step(core(schedule), False)(*arrays)[1]
-    result[schedule] = dict(zip(["out", "dq", "dk", "dv"],
-                                [rel(a, b) for a, b in zip(jax.tree.leaves(got),
-                                                           jax.tree.leaves(ref))]))
+  for name, fn in fns.items():
+    try:
+      got = jax.jit(fn)(*arrays), make_step(fn, False)(*arrays)[1]
+    except Exception as err:  # pylint: disable=broad-except
+      result[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+      continue
+    result[name] = dict(zip(["out", "dq", "dk", "dv"],
+                            [rel(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                       jax.tree.leaves(ref))]))
   return result
+
+
+def parse_causal_config(text: str) -> list[tuple[int, int]]:
+  """``"64:4,128:8"`` -> ``[(64, 4), (128, 8)]`` (chunk:warps of the causal Pallas kernels)."""
+  configs = []
+  for item in common.parse_list(text):
+    parts = item.split(":")
+    if len(parts) != 2:
+      raise ValueError(f"a causal pallas config is chunk:warps, got {item!r}.")
+    configs.append((int(parts[0]), int(parts[1])))
+  return configs
 
 
 def run_causal(args) -> dict:
@@ -296,6 +322,13 @@ def run_causal(args) -> dict:
                                            chunk=causal.DEFAULT_CHUNK_SIZE), False)
         rows.append(_timed(step, arrays, args, n=n, batch=args.tokens // n, core=core,
                            schedule=schedule))
+  kernels = []
+  for n in lengths:
+    arrays = inputs(n, args)
+    for chunk, warps in parse_causal_config(args.causal_pallas_configs):
+      step = make_step(functools.partial(causal_core, core="pallas", schedule="", chunk=chunk,
+                                         num_warps=warps), False)
+      kernels.append(_timed(step, arrays, args, n=n, config=f"{chunk}:{warps}"))
   chunks = []
   for n in [common.parse_length(x) for x in common.parse_list(args.chunk_lengths) or []]:
     arrays = inputs(n, args)
@@ -307,8 +340,8 @@ def run_causal(args) -> dict:
   print(check, flush=True)
   return {"environment": common.environment(), "args": {k: str(v) for k, v in
                                                         vars(args).items()},
-          "chunk_size": causal.DEFAULT_CHUNK_SIZE, "rows": rows, "chunks": chunks,
-          "accuracy": check}
+          "chunk_size": causal.DEFAULT_CHUNK_SIZE, "rows": rows, "pallas": kernels,
+          "chunks": chunks, "accuracy": check}
 
 
 def causal_markdown(result: dict) -> str:
@@ -345,15 +378,24 @@ def causal_markdown(result: dict) -> str:
     lines += ["", f"rf parallel: {min(par):.3g}-{max(par):.3g} ms over n = {lengths[0]}.."
               f"{lengths[-1]} (max / min {max(par) / min(par):.2f}); target: at or below "
               "fla at every n (3.6 ms at n = 16384)."]
+  if result.get("pallas"):
+    lines += ["", "Pallas kernels (`pallas_causal`, chunk:warps), same inputs:", "",
+              common.markdown_table(
+                  ["n", "config", "ms", "pipelined ms", "temp MiB", "fla ms (issue)"],
+                  [[r["n"], r["config"], r.get("median_ms", r.get("error")),
+                    r.get("pipelined_ms"), r.get("temp_mib"), FLA_MS.get(r["n"])]
+                   for r in result["pallas"]])]
   if result["chunks"]:
     lines += ["", "Parallel rf core by chunk size:", "",
               common.markdown_table(["n", "chunk", "ms", "temp MiB"],
                                     [[r["n"], r["chunk"], r.get("median_ms", r.get("error")),
                                       r.get("temp_mib")] for r in result["chunks"]])]
   acc = result["accuracy"]
+  columns = ["out", "dq", "dk", "dv"]
   lines += ["", "Relative L2 error against the float32 recurrent rf core (first length):", "",
-            common.markdown_table(["schedule", *next(iter(acc.values())).keys()],
-                                  [[k, *v.values()] for k, v in acc.items()])]
+            common.markdown_table(["core", *columns],
+                                  [[k, *(v.get(c, v.get("error")) for c in columns)]
+                                   for k, v in acc.items()])]
   return "\n".join(lines) + "\n"
 
 
@@ -373,6 +415,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--tune_lengths", default="")
   parser.add_argument("--chunks", default="32,64,128,256", help="causal: chunk sizes to time")
   parser.add_argument("--chunk_lengths", default="4k,64k", help="causal: lengths of --chunks")
+  parser.add_argument("--causal_pallas_configs", default="64:4",
+                      help="causal: chunk:warps of the Pallas kernels, timed at every length")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--out_dir", default="docs/benchmarks")
