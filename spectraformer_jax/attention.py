@@ -101,7 +101,8 @@ def rf_attention_heads(q, k, v, W, *, component, params=None, kv_mask=None, q_ma
     uncovered = ("fused=False" if not fused
                  else f"component {spec.name!r} has no positive log-linear form")
   fd = _feature_dtype(jnp.dtype(q.dtype))
-  impl = pallas_attention.select_implementation(implementation, uncovered, fd)
+  impl = pallas_attention.select_implementation(implementation, uncovered, fd,
+                                                causal=is_causal)
   d = q.shape[-1]
   scale = d ** -0.25
   x, y = _f32(q) * scale, _f32(k) * scale
@@ -171,7 +172,8 @@ def rf_attention(q, k, v, W, *, component, params=None, kv_mask=None, q_mask=Non
     implementation: the fused path's backend: ``"pallas"`` (``pallas_attention`` or, causal,
       ``pallas_causal``: Pallas kernels, feature maps only as on-chip tiles; interpret mode off
       GPU), ``"xla"`` (``fused.positive_rf_attention`` or ``causal_log_attention``) or
-      ``"auto"`` (pallas on GPU for 16-bit inputs, xla elsewhere).  Where the kernels do not
+      ``"auto"`` (pallas on GPU for bidirectional 16-bit inputs, xla elsewhere: the measured
+      faster choice, ``pallas_attention.select_implementation``).  Where the kernels do not
       apply, pallas falls back to xla and says so once in the log
       (``pallas_attention.select_implementation``).
 

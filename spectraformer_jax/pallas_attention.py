@@ -387,21 +387,32 @@ def log_fallback(reason: str) -> None:
             "path.")
 
 
-def select_implementation(implementation: str, uncovered: Optional[str],
-                          feature_dtype) -> str:
+def select_implementation(implementation: str, uncovered: Optional[str], feature_dtype, *,
+                          causal: bool = False) -> str:
   """The backend of one call, ``"pallas"`` or ``"xla"``.
 
-  ``uncovered``: why the kernels cannot compute the call (causal attention, a component without
-  a positive log-linear form, ...), None when they can.  ``"auto"`` also leaves float32
-  ``feature_dtype`` to XLA: the compiled float32 kernels are not yet measured to fit a GPU's
-  shared memory (on an H200 a float32 kernel at the 16-bit tiling asked 265 KiB of 227 KiB);
-  ``"pallas"`` runs them (with half the 16-bit tile).  Every fallback is logged once
+  ``uncovered``: why the kernels cannot compute the call (a component without a positive
+  log-linear form, ``fused=False``, ...), None when they can.  ``"auto"`` also leaves to XLA
+  what the kernels compute but XLA computes faster (measured with
+  ``lra_benchmarks.benchmarks.kernel_speed``, PosRF h2 d32 m128, 65536 tokens, forward +
+  backward):
+
+  * float32 ``feature_dtype``: the float32 kernels (six-pass products, half the 16-bit tile)
+    take 2.8 ms against XLA's 0.89 ms (H100, n = 4096);
+  * ``causal`` calls: the causal kernels (``pallas_causal``) take 1.8 ms against the XLA
+    chunk-parallel core's 1.4 ms at every n = 1k-64k, with 164 instead of 572 MiB of
+    temporaries (H200, bfloat16): ``"pallas"`` is the choice when memory binds.
+
+  ``"pallas"`` runs the kernels for every covered call.  Every fallback is logged once
   (``log_fallback``).
   """
   if resolve_implementation(implementation) != "pallas":
     return "xla"
-  if uncovered is None and implementation == "auto" and jnp.dtype(feature_dtype) == jnp.float32:
-    uncovered = "float32 features under implementation='auto'"
+  if uncovered is None and implementation == "auto":
+    if jnp.dtype(feature_dtype) == jnp.float32:
+      uncovered = "float32 features under implementation='auto'"
+    elif causal:
+      uncovered = "causal attention under implementation='auto'"
   if uncovered is not None:
     log_fallback(uncovered)
     return "xla"

@@ -40,7 +40,15 @@ the key's (a reverse exclusive scan with the same merge; ``exp(lk_jr + Q_r) <= 1
 dv`` to powers of two (padded feature columns get ``-inf`` on both sides), the sequence to a
 multiple of the chunk (as masked rows).  Backends as in ``pallas_attention`` (Triton on GPU,
 interpret mode elsewhere).  Tuning: ``chunk_rows`` (``C``: ``[C, C]`` intra-chunk work against
-``m dv / C`` state floats per position) and ``num_warps``; not yet measured on a GPU.
+``m dv / C`` state floats per position) and ``num_warps``.  On an H200
+(``lra_benchmarks.benchmarks.kernel_speed --mode=causal``: PosRF h2 d32 m128, bfloat16, 65536
+tokens, forward + backward, calls dispatched back to back) C:warps = 64:4 / 128:4 / 64:8 / 128:8
+/ 256:8 take 2.0 / 3.3 / 2.9 / 1.8 / 3.7 ms at n = 1024, flat in n (128:8: 1.81 ms at 4096,
+1.85 ms at 65536), with 213 / 164 / 213 / 164 / 123 MiB of temporaries, hence 128:8.  The XLA
+chunk-parallel core (``causal_log_attention``) takes 1.3-1.4 ms with 572 MiB on the same
+inputs, which is why ``implementation="auto"`` keeps causal calls there.  Relative error of
+the bfloat16 kernels against the float32 reference: 1.5e-3 (output), at most 4.3e-3
+(gradients).
 """
 
 from __future__ import annotations
@@ -272,8 +280,8 @@ _causal_attend.defvjp(_causal_attend_fwd, _causal_attend_bwd)
 
 
 def causal_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
-                               feature_dtype=jnp.float32, chunk_rows: int = 64,
-                               num_warps: int = 4, interpret: Optional[bool] = None):
+                               feature_dtype=jnp.float32, chunk_rows: int = 128,
+                               num_warps: int = 8, interpret: Optional[bool] = None):
   """Causal RF attention from log-linear features by Pallas kernels (module doc).
 
   Args:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lra_benchmarks.benchmarks import approximation, common, speed
+from lra_benchmarks.benchmarks import approximation, common, kernel_speed, speed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,3 +127,26 @@ def test_attention_table_is_the_output_error_of_rf_attention():
         out = attention.rf_attention(q, k, v, w, component=comp)
         errs.append(float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)))
       assert got[m] == pytest.approx(np.mean(errs), rel=1e-4)
+
+
+def test_kernel_speed_cpu_tiny(tmp_path):
+  """Both modes on the CPU (Pallas in interpret mode): every row timed, errors small."""
+  out = str(tmp_path)
+  args = ["--tokens=128", "--heads=1", "--head_dim=16", "--m=16", "--warmup=1", "--reps=1",
+          "--out_dir", out]
+  result = kernel_speed.main(args + ["--lengths=64", "--implementations=pallas,xla",
+                                     "--pallas_configs=16:32:4"])
+  for row in result["rows"]:
+    assert "error" not in row, row
+    assert row["median_ms"] > 0 and row["pipelined_ms"] > 0
+  for errors in result["accuracy"].values():
+    assert max(errors.values()) < 0.05, result["accuracy"]
+  result = kernel_speed.main(args + ["--mode=causal", "--lengths=64", "--chunks=32",
+                                     "--chunk_lengths=64", "--causal_pallas_configs=32:4"])
+  for row in result["rows"] + result["pallas"] + result["chunks"]:
+    assert "error" not in row, row
+  assert set(result["accuracy"]) == {"parallel", "recurrent", "pallas"}
+  for errors in result["accuracy"].values():
+    assert "error" not in errors and max(errors.values()) < 0.05, result["accuracy"]
+  text = (tmp_path / "kernel_causal.md").read_text()
+  assert "Pallas kernels" in text and "| 64 | 32:4 |" in text

@@ -154,9 +154,10 @@ def test_rf_attention_pallas_equals_xla_causal(component, dtype, tol):
     assert _rel(a, b) < 5 * tol, i
 
 
-def test_causal_calls_route_to_the_kernels_under_auto_on_a_gpu(monkeypatch, caplog):
-  """With a GPU reported, ``"auto"`` sends causal positive log-linear calls with 16-bit inputs
-  to the causal kernels; float32 inputs and signed components (TrigRF) stay on XLA."""
+def test_causal_calls_route_to_the_kernels_when_asked_and_to_xla_under_auto(monkeypatch, caplog):
+  """With a GPU reported, ``"pallas"`` sends causal positive log-linear calls to the causal
+  kernels (float32 and 16-bit); ``"auto"`` keeps causal calls on the (faster) XLA core, and
+  signed components (TrigRF) stay on XLA under both, each reason logged once."""
   calls = []
 
   def fake(form, w, v, kv_mask=None, q_mask=None, **kw):
@@ -168,15 +169,19 @@ def test_causal_calls_route_to_the_kernels_under_auto_on_a_gpu(monkeypatch, capl
   monkeypatch.setattr(pallas_causal, "causal_rf_attention_pallas", fake)
   q = jax.random.normal(jax.random.key(3), (1, 16, 1, 8))
   w = jax.random.normal(jax.random.key(4), (8, 8))
-  run = lambda component, dtype: jax.jit(lambda x: A.rf_attention(
-      x, x, x, w, component=component, is_causal=True))(q.astype(dtype))
+  run = lambda component, dtype, impl: jax.jit(lambda x: A.rf_attention(
+      x, x, x, w, component=component, is_causal=True, implementation=impl))(q.astype(dtype))
   with caplog.at_level("WARNING"):
-    run("posrf", jnp.bfloat16)
-    assert calls == [jnp.bfloat16]
-    run("posrf", jnp.float32)
-    run("trigrf", jnp.bfloat16)
-  assert calls == [jnp.bfloat16]
-  assert "component 'trigrf' has no positive log-linear form" in caplog.text
+    run("posrf", jnp.bfloat16, "pallas")
+    run("posrf", jnp.float32, "pallas")
+    assert calls == [jnp.bfloat16, jnp.float32]
+    for impl in ("auto", "pallas"):
+      run("posrf", jnp.bfloat16, "auto")
+      run("trigrf", jnp.bfloat16, impl)
+  assert calls == [jnp.bfloat16, jnp.float32]
+  for reason in ("causal attention under implementation='auto'",
+                 "component 'trigrf' has no positive log-linear form"):
+    assert caplog.text.count(f"Pallas attention not used ({reason}") == 1, reason
   P._log_once.cache_clear()
 
 

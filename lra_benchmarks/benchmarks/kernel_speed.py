@@ -415,7 +415,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--tune_lengths", default="")
   parser.add_argument("--chunks", default="32,64,128,256", help="causal: chunk sizes to time")
   parser.add_argument("--chunk_lengths", default="4k,64k", help="causal: lengths of --chunks")
-  parser.add_argument("--causal_pallas_configs", default="64:4",
+  parser.add_argument("--causal_pallas_configs", default="128:8",
                       help="causal: chunk:warps of the Pallas kernels, timed at every length")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--reps", type=int, default=20)
