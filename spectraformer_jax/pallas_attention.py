@@ -39,73 +39,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from spectraformer_jax.components import LogLinear
+from spectraformer_jax.pallas_tiles import (Blocking, Padded, call, f32_struct, fdot, inverse,
+                                            key_logits, per_chunk, per_head, prepare, project,
+                                            rows, safe, shared)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_F32_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
-_PROJ_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-class Blocking(NamedTuple):
-  """Static tiling: ``tile`` rows per in-kernel step, ``chunk`` rows per program (a multiple of
-  ``tile``), ``interpret`` runs the kernels as XLA ops (CPU), ``feature_dtype`` is the operand
-  dtype of the feature contractions (accumulation is float32), ``num_warps`` per program and
-  ``num_stages`` of Triton's software pipeline (GPU)."""
-  tile: int
-  chunk: int
-  interpret: bool
-  feature_dtype: jnp.dtype
-  num_warps: int
-  num_stages: int = 2
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-  """Smallest power of two ``>= max(x, lo)``."""
-  return max(lo, 1 << (int(x) - 1).bit_length())
-
-
-def _round_up(x: int, k: int) -> int:
-  return -(-x // k) * k
-
-
-def _dot(a, b, precision, trans_a=False, trans_b=False):
-  """``a @ b`` of 2-D tiles, optionally transposed (no transpose is materialised), float32."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, precision=precision,
-                             preferred_element_type=jnp.float32)
-
-
-def _project(x, w, dtype):
-  """Tile logits ``x [t, d] @ w [m, d]^T`` in float32: ``[t, m]``.  Six bfloat16 passes (about
-  float32 accuracy) for float32 features, three (about 16 bits, as the XLA path's
-  ``Precision.HIGH``) for 16-bit ones: tensor-core products either way."""
-  return _dot(x.astype(jnp.float32), w, _F32_DOT if dtype == jnp.float32 else _PROJ_DOT,
-              trans_b=True)
-
-
-def _fdot(a, b, dtype, trans_a=False, trans_b=False):
-  """``a @ b`` (optionally transposed) of feature-sized tiles, float32 result: bfloat16
-  operands for 16-bit features, six bfloat16 passes for float32 ones."""
-  if dtype == jnp.float32:
-    return _dot(a.astype(jnp.float32), b.astype(jnp.float32), _F32_DOT, trans_a, trans_b)
-  return _dot(a.astype(dtype), b.astype(dtype), None, trans_a, trans_b)
-
-
-def _key_logits(xk_ref, rk_ref, col, w, sl, dtype):
-  """Key logits of one tile, ``-inf`` at masked keys (``rk`` carries the mask): ``[t, m]``."""
-  return _project(xk_ref[sl, :], w, dtype) + col[None, :] + rk_ref[sl][:, None]
-
-
-def _safe(c):
-  """The column shift with ``-inf`` (no valid key) replaced by 0."""
-  return jnp.where(c == -jnp.inf, 0.0, c)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -119,12 +64,12 @@ def _key_fwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, s_ref, z_ref, 
   def body(t, carry):
     c, s, z = carry
     sl = pl.ds(t * blk.tile, blk.tile)
-    lk = _key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype)
+    lk = key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype)
     c_new = jnp.maximum(c, jnp.max(lk, axis=0))
-    shift = _safe(c_new)
+    shift = safe(c_new)
     alpha = jnp.exp(c - shift)
     p = jnp.exp(lk - shift[None, :])
-    s = s * alpha[:, None] + _fdot(p, v_ref[sl, :], blk.feature_dtype, trans_a=True)
+    s = s * alpha[:, None] + fdot(p, v_ref[sl, :], blk.feature_dtype, trans_a=True)
     return c_new, s, z * alpha + jnp.sum(p, axis=0)
 
   init = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m, dv), jnp.float32),
@@ -135,14 +80,9 @@ def _key_fwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, s_ref, z_ref, 
 
 def _query_tile(xq_ref, qb, w, s, z, sl, dtype):
   """Query features ``e [t, m]``, numerator ``[t, dv]`` and denominator ``[t]`` of one tile."""
-  a = _project(xq_ref[sl, :], w, dtype) + qb[None, :]
+  a = project(xq_ref[sl, :], w, dtype) + qb[None, :]
   e = jnp.exp(a - jnp.max(a, axis=1)[:, None])
-  return e, _fdot(e, s, dtype), jnp.sum(e * z[None, :], axis=1)
-
-
-def _inverse(den, qm):
-  """``qm / den`` where ``den > 0``, else 0 (a sequence without a valid key)."""
-  return jnp.where(den > 0, qm / jnp.where(den > 0, den, 1.0), 0.0)
+  return e, fdot(e, s, dtype), jnp.sum(e * z[None, :], axis=1)
 
 
 def _query_fwd_kernel(xq_ref, qm_ref, qb_ref, w_ref, s_ref, z_ref, o_ref, *, blk):
@@ -152,7 +92,7 @@ def _query_fwd_kernel(xq_ref, qm_ref, qb_ref, w_ref, s_ref, z_ref, o_ref, *, blk
   def body(t, carry):
     sl = pl.ds(t * blk.tile, blk.tile)
     _, num, den = _query_tile(xq_ref, qb, w, s, z, sl, blk.feature_dtype)
-    o_ref[sl, :] = (num * _inverse(den, qm_ref[sl])[:, None]).astype(o_ref.dtype)
+    o_ref[sl, :] = (num * inverse(den, qm_ref[sl])[:, None]).astype(o_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, blk.chunk // blk.tile, body, 0)
@@ -169,14 +109,14 @@ def _query_bwd_kernel(xq_ref, qm_ref, g_ref, qb_ref, w_ref, s_ref, z_ref,
     sl = pl.ds(t * blk.tile, blk.tile)
     xq = xq_ref[sl, :].astype(jnp.float32)
     e, num, den = _query_tile(xq_ref, qb, w, s, z, sl, dt)
-    inv = _inverse(den, qm_ref[sl])
+    inv = inverse(den, qm_ref[sl])
     g = g_ref[sl, :].astype(jnp.float32)
     gg = g * inv[:, None]                                         # G_i
     h = -jnp.sum(gg * num, axis=1) * inv                          # -(g . out) q / den
-    dlq = e * (_fdot(gg, s, dt, trans_b=True) + h[:, None] * z[None, :])
-    dxq_ref[sl, :] = _fdot(dlq, w, dt).astype(dxq_ref.dtype)
-    return (ds + _fdot(e, gg, dt, trans_a=True), dz + jnp.sum(e * h[:, None], axis=0),
-            dw + _fdot(dlq, xq, dt, trans_a=True), dcol + jnp.sum(dlq, axis=0))
+    dlq = e * (fdot(gg, s, dt, trans_b=True) + h[:, None] * z[None, :])
+    dxq_ref[sl, :] = fdot(dlq, w, dt).astype(dxq_ref.dtype)
+    return (ds + fdot(e, gg, dt, trans_a=True), dz + jnp.sum(e * h[:, None], axis=0),
+            dw + fdot(dlq, xq, dt, trans_a=True), dcol + jnp.sum(dlq, axis=0))
 
   m, dv = s_ref.shape
   d = w_ref.shape[1]
@@ -195,13 +135,13 @@ def _key_bwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, ds_ref, dz_ref
   def body(t, carry):
     dw, dcol = carry
     sl = pl.ds(t * blk.tile, blk.tile)
-    p = jnp.exp(_key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype) - shift[None, :])
-    dlk = p * (_fdot(v_ref[sl, :], ds, dt, trans_b=True) + dz[None, :])
-    dxk_ref[sl, :] = _fdot(dlk, w, dt).astype(dxk_ref.dtype)
+    p = jnp.exp(key_logits(xk_ref, rk_ref, col, w, sl, blk.feature_dtype) - shift[None, :])
+    dlk = p * (fdot(v_ref[sl, :], ds, dt, trans_b=True) + dz[None, :])
+    dxk_ref[sl, :] = fdot(dlk, w, dt).astype(dxk_ref.dtype)
     drk_ref[sl] = jnp.sum(dlk, axis=1).astype(drk_ref.dtype)
-    dv_ref[sl, :] = _fdot(p, ds, dt).astype(dv_ref.dtype)
+    dv_ref[sl, :] = fdot(p, ds, dt).astype(dv_ref.dtype)
     xk = xk_ref[sl, :].astype(jnp.float32)
-    return dw + _fdot(dlk, xk, dt, trans_a=True), dcol + jnp.sum(dlk, axis=0)
+    return dw + fdot(dlk, xk, dt, trans_a=True), dcol + jnp.sum(dlk, axis=0)
 
   m, d = w_ref.shape
   dw, dcol = jax.lax.fori_loop(0, blk.chunk // blk.tile, body,
@@ -212,57 +152,19 @@ def _key_bwd_kernel(xk_ref, rk_ref, v_ref, col_ref, w_ref, c_ref, ds_ref, dz_ref
 # ----------------------------------------------------------------------------- pallas_call
 
 
-def _rows(blk, width=None):
-  """BlockSpec of one chunk of rows of a ``[bh, len(, width)]`` array."""
-  if width is None:
-    return pl.BlockSpec((None, blk.chunk), lambda b, t: (b, t))
-  return pl.BlockSpec((None, blk.chunk, width), lambda b, t: (b, t, 0))
-
-
-def _per_head(*shape):
-  """BlockSpec of a ``[bh, *shape]`` array: the whole slab of head ``b``."""
-  return pl.BlockSpec((None,) + shape, lambda b, t: (b,) + (0,) * len(shape))
-
-
-def _per_chunk(*shape):
-  """BlockSpec of a ``[bh, chunks, *shape]`` array: one chunk's slab."""
-  return pl.BlockSpec((None, None) + shape, lambda b, t: (b, t) + (0,) * len(shape))
-
-
-def _shared(*shape):
-  """BlockSpec of an array every program reads whole (``W``)."""
-  return pl.BlockSpec(shape, lambda b, t: (0,) * len(shape))
-
-
-def _call(kernel, blk, grid, in_specs, out_specs, out_shape):
-  """``pallas_call`` with this module's conventions (Triton parameters on GPU)."""
-  params = {}
-  if not blk.interpret:
-    from jax.experimental.pallas import triton as pl_triton  # GPU only
-    params["compiler_params"] = pl_triton.CompilerParams(num_warps=blk.num_warps,
-                                                           num_stages=blk.num_stages)
-  return pl.pallas_call(functools.partial(kernel, blk=blk), grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, out_shape=out_shape, interpret=blk.interpret,
-                        **params)
-
-
-def _f32(*shape):
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _key_forward(xk, rk, v, col, w, blk):
   """``c, S, z`` of every head (chunks merged by rescaling to the overall column max)."""
   bh, l, d = xk.shape
   m, dv = w.shape[0], v.shape[-1]
   nc = l // blk.chunk
-  c, s, z = _call(
+  c, s, z = call(
       _key_fwd_kernel, blk, (bh, nc),
-      [_rows(blk, d), _rows(blk), _rows(blk, dv), _per_head(m), _shared(m, d)],
-      [_per_chunk(m), _per_chunk(m, dv), _per_chunk(m)],
-      [_f32(bh, nc, m), _f32(bh, nc, m, dv), _f32(bh, nc, m)])(xk, rk, v, col, w)
+      [rows(blk, d), rows(blk), rows(blk, dv), per_head(m), shared(m, d)],
+      [per_chunk(m), per_chunk(m, dv), per_chunk(m)],
+      [f32_struct(bh, nc, m), f32_struct(bh, nc, m, dv), f32_struct(bh, nc, m)])(xk, rk, v, col, w)
   c_all = jnp.max(c, axis=1)
-  scale = jnp.exp(c - _safe(c_all)[:, None, :])
-  return _safe(c_all), jnp.einsum("bcm,bcme->bme", scale, s, precision=_HIGHEST), \
+  scale = jnp.exp(c - safe(c_all)[:, None, :])
+  return safe(c_all), jnp.einsum("bcm,bcme->bme", scale, s, precision=_HIGHEST), \
       jnp.sum(scale * z, axis=1)
 
 
@@ -270,35 +172,19 @@ def _query_forward(xq, qm, qb, w, s, z, blk):
   """``out [bh, n, dv]`` float32."""
   bh, n, d = xq.shape
   m, dv = s.shape[-2:]
-  return _call(_query_fwd_kernel, blk, (bh, n // blk.chunk),
-               [_rows(blk, d), _rows(blk), _per_head(m), _shared(m, d), _per_head(m, dv),
-                _per_head(m)],
-               _rows(blk, dv), _f32(bh, n, dv))(xq, qm, qb, w, s, z)
+  return call(_query_fwd_kernel, blk, (bh, n // blk.chunk),
+               [rows(blk, d), rows(blk), per_head(m), shared(m, d), per_head(m, dv),
+                per_head(m)],
+               rows(blk, dv), f32_struct(bh, n, dv))(xq, qm, qb, w, s, z)
 
 
-class _Padded(NamedTuple):
-  """Kernel-ready inputs: ``[bh, ...]`` with padded lengths and powers-of-two widths."""
-  xq: jax.Array   # [bh, n', d']
-  xk: jax.Array   # [bh, l', d']
-  w: jax.Array    # [m', d']
-  col: jax.Array  # [bh, m']
-  rk: jax.Array   # [bh, l']  row_k, -inf at masked keys
-  v: jax.Array    # [bh, l', dv']
-  qm: jax.Array   # [bh, n']  float 0/1
-  colmask: jax.Array  # [m'] 0 for real feature columns, -inf for padding
-
-
-def _pad_to(x, shape, value=0.0):
-  return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)], constant_values=value)
-
-
-def _qbias(p: _Padded, c):
+def _qbias(p: Padded, c):
   """Query-side column bias ``col + c`` (``-inf`` at padded columns): ``[bh, m']``."""
   return p.col + c + p.colmask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _attend(p: _Padded, blk: Blocking):
+def _attend(p: Padded, blk: Blocking):
   return _attend_fwd(p, blk)[0]
 
 
@@ -313,20 +199,20 @@ def _attend_bwd(blk, res, g):
   bh, n, d = p.xq.shape
   l, dv, m = p.xk.shape[1], p.v.shape[-1], p.w.shape[0]
   nq, nk = n // blk.chunk, l // blk.chunk
-  dxq, ds, dz, dwq, dcq = _call(
+  dxq, ds, dz, dwq, dcq = call(
       _query_bwd_kernel, blk, (bh, nq),
-      [_rows(blk, d), _rows(blk), _rows(blk, dv), _per_head(m), _shared(m, d),
-       _per_head(m, dv), _per_head(m)],
-      [_rows(blk, d), _per_chunk(m, dv), _per_chunk(m), _per_chunk(m, d), _per_chunk(m)],
-      [_f32(bh, n, d), _f32(bh, nq, m, dv), _f32(bh, nq, m), _f32(bh, nq, m, d),
-       _f32(bh, nq, m)])(p.xq, p.qm, g, _qbias(p, c), p.w, s, z)
+      [rows(blk, d), rows(blk), rows(blk, dv), per_head(m), shared(m, d),
+       per_head(m, dv), per_head(m)],
+      [rows(blk, d), per_chunk(m, dv), per_chunk(m), per_chunk(m, d), per_chunk(m)],
+      [f32_struct(bh, n, d), f32_struct(bh, nq, m, dv), f32_struct(bh, nq, m), f32_struct(bh, nq, m, d),
+       f32_struct(bh, nq, m)])(p.xq, p.qm, g, _qbias(p, c), p.w, s, z)
   ds, dz = jnp.sum(ds, axis=1), jnp.sum(dz, axis=1)
-  dxk, drk, dv_, dwk, dck = _call(
+  dxk, drk, dv_, dwk, dck = call(
       _key_bwd_kernel, blk, (bh, nk),
-      [_rows(blk, d), _rows(blk), _rows(blk, dv), _per_head(m), _shared(m, d), _per_head(m),
-       _per_head(m, dv), _per_head(m)],
-      [_rows(blk, d), _rows(blk), _rows(blk, dv), _per_chunk(m, d), _per_chunk(m)],
-      [_f32(bh, l, d), _f32(bh, l), _f32(bh, l, dv), _f32(bh, nk, m, d), _f32(bh, nk, m)])(
+      [rows(blk, d), rows(blk), rows(blk, dv), per_head(m), shared(m, d), per_head(m),
+       per_head(m, dv), per_head(m)],
+      [rows(blk, d), rows(blk), rows(blk, dv), per_chunk(m, d), per_chunk(m)],
+      [f32_struct(bh, l, d), f32_struct(bh, l), f32_struct(bh, l, dv), f32_struct(bh, nk, m, d), f32_struct(bh, nk, m)])(
           p.xk, p.rk, p.v, p.col, p.w, c, ds, dz)
   dw = jnp.sum(dwq, axis=(0, 1)) + jnp.sum(dwk, axis=(0, 1))
   dcol = jnp.sum(dcq, axis=1) + jnp.sum(dck, axis=1)
@@ -419,59 +305,6 @@ def select_implementation(implementation: str, uncovered: Optional[str], feature
   return "pallas"
 
 
-def _prepare(form: LogLinear, w, v, kv_mask, q_mask, feature_dtype, block_rows: Optional[int],
-             chunk_rows: int):
-  """Checks the arguments of the public functions and builds their kernel inputs.
-
-  Returns ``(padded, lead, tile, chunk)``: the ``_Padded`` inputs (leading dims flattened to
-  ``bh``, lengths padded to a multiple of ``chunk`` as masked rows, ``d, m, dv`` to powers of
-  two), the broadcast leading shape, the tile (``block_rows`` or its default for ``m`` and the
-  dtype) and the rows per program (``chunk_rows`` rounded to a multiple of the tile, capped at
-  the padded length).
-  """
-  feature_dtype = jnp.dtype(feature_dtype)
-  if feature_dtype not in _DTYPES:
-    raise ValueError(f"feature_dtype must be float32, bfloat16 or float16, got {feature_dtype}.")
-  xq, xk = jnp.asarray(form.xq), jnp.asarray(form.xk)
-  col, row_k = jnp.asarray(form.col, jnp.float32), jnp.asarray(form.row_k, jnp.float32)
-  v, w = jnp.asarray(v), jnp.asarray(w, jnp.float32)
-  n, l, d = xq.shape[-2], xk.shape[-2], xq.shape[-1]
-  if w.ndim != 2 or w.shape[-1] != d or xk.shape[-1] != d:
-    raise ValueError(f"W must be float32[m, d] with d matching xq {xq.shape} and xk "
-                     f"{xk.shape}, got {tuple(w.shape)}.")
-  if v.shape[-2] != l:
-    raise ValueError(f"v needs the keys' length {l}, got shape {tuple(v.shape)}.")
-  m, dv = w.shape[0], v.shape[-1]
-  rows = 16384 if feature_dtype.itemsize == 2 else 8192
-  tile = block_rows if block_rows is not None else min(128, max(16, rows // _pow2(m)))
-  if tile < 1 or tile & (tile - 1):
-    raise ValueError(f"block_rows must be a power of two, got {block_rows!r}.")
-  if chunk_rows < 1:
-    raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}.")
-  lead = jnp.broadcast_shapes(xq.shape[:-2], xk.shape[:-2], v.shape[:-2], col.shape[:-1],
-                              row_k.shape[:-1])
-  chunk = min(_round_up(chunk_rows, tile), _round_up(max(n, l), tile))
-  n2, l2 = _round_up(n, chunk), _round_up(l, chunk)
-  d2, m2, dv2 = _pow2(d), _pow2(m), _pow2(dv)
-  bh = 1
-  for s in lead:
-    bh *= s
-  flat = lambda t, tail: jnp.broadcast_to(t, lead + tail).reshape((bh,) + tail)
-  kmask = jnp.ones((l,), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
-  qmask = jnp.ones((n,), bool) if q_mask is None else jnp.asarray(q_mask, bool)
-  rk = jnp.where(flat(kmask, (l,)), flat(row_k, (l,)), -jnp.inf)
-  padded = _Padded(
-      xq=_pad_to(flat(xq, (n, d)), (bh, n2, d2)),
-      xk=_pad_to(flat(xk, (l, d)), (bh, l2, d2)),
-      w=_pad_to(w, (m2, d2)),
-      col=_pad_to(flat(col, (m,)), (bh, m2)),
-      rk=_pad_to(rk, (bh, l2), -jnp.inf),
-      v=_pad_to(flat(v, (l, dv)), (bh, l2, dv2)),
-      qm=_pad_to(flat(qmask, (n,)).astype(jnp.float32), (bh, n2)),
-      colmask=jnp.where(jnp.arange(m2) < m, 0.0, -jnp.inf))
-  return padded, lead, tile, chunk
-
-
 def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None, *,
                                  feature_dtype=jnp.float32, block_rows: Optional[int] = None,
                                  chunk_rows: int = 512, num_warps: int = 8, num_stages: int = 2,
@@ -500,7 +333,7 @@ def positive_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=Non
     float32 ``[..., n, dv]``: ``sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` (zeros for a
     masked query or one with no unmasked key).
   """
-  padded, lead, tile, chunk = _prepare(form, w, v, kv_mask, q_mask, feature_dtype, block_rows,
+  padded, lead, tile, chunk = prepare(form, w, v, kv_mask, q_mask, feature_dtype, block_rows,
                                        chunk_rows)
   n, dv = jnp.shape(form.xq)[-2], jnp.shape(v)[-1]
   blk = Blocking(tile=tile, chunk=chunk,

@@ -63,10 +63,10 @@ from jax.experimental import pallas as pl
 from spectraformer_jax.causal import LOG_FLOOR, exclusive_prefix, merge_log_states
 from spectraformer_jax.components import LogLinear
 from spectraformer_jax.linear import UNDERFLOW
-from spectraformer_jax.pallas_attention import (Blocking, _Padded, _call, _f32, _fdot, _inverse,
-                                                _key_logits, _per_chunk, _per_head, _pow2,
-                                                _prepare, _project, _rows, _safe, _shared,
-                                                pallas_available)
+from spectraformer_jax.pallas_attention import pallas_available
+from spectraformer_jax.pallas_tiles import (Blocking, Padded, call, f32_struct, fdot, inverse,
+                                            key_logits, per_chunk, per_head, pow2, prepare,
+                                            project, rows, safe, shared)
 
 # ----------------------------------------------------------------------------- in-kernel math
 
@@ -82,13 +82,13 @@ def _chunk_terms(xq_ref, xk_ref, rk_ref, cb, w, mp, blk, t=None):
   """
   dt, c = blk.feature_dtype, blk.chunk
   sl = pl.ds(0, c)
-  lq = _project(xq_ref[sl, :], w, dt) + cb[None, :]
-  lk = _key_logits(xk_ref, rk_ref, cb, w, sl, dt)
+  lq = project(xq_ref[sl, :], w, dt) + cb[None, :]
+  lk = key_logits(xk_ref, rk_ref, cb, w, sl, dt)
   a = jnp.max(lq, axis=1)
   b = jnp.max(lk, axis=1)
   qn = jnp.exp(lq - a[:, None])
-  kn = jnp.exp(lk - _safe(b)[:, None])
-  g = _fdot(qn, kn, _wide(dt), trans_b=True)
+  kn = jnp.exp(lk - safe(b)[:, None])
+  g = fdot(qn, kn, _wide(dt), trans_b=True)
   causal = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
             <= jax.lax.broadcasted_iota(jnp.int32, (c, c), 0))
   ok = causal & (b[None, :] > -jnp.inf) & (g > UNDERFLOW)
@@ -121,12 +121,12 @@ def _wide(dtype):
 
 def _key_state_kernel(xk_ref, rk_ref, v_ref, cb_ref, w_ref, m_ref, u_ref, z_ref, *, blk):
   """Kernel A, one chunk of keys: ``m [m]`` (floored at ``LOG_FLOOR``), ``U [m, dv]``, ``z [m]``."""
-  lk = _key_logits(xk_ref, rk_ref, cb_ref[...], w_ref[...], pl.ds(0, blk.chunk),
+  lk = key_logits(xk_ref, rk_ref, cb_ref[...], w_ref[...], pl.ds(0, blk.chunk),
                    blk.feature_dtype)
   mc = jnp.maximum(jnp.max(lk, axis=0), LOG_FLOOR)
   p = jnp.exp(lk - mc[None, :])
   m_ref[...] = mc
-  u_ref[...] = _fdot(p, v_ref[...], blk.feature_dtype, trans_a=True)
+  u_ref[...] = fdot(p, v_ref[...], blk.feature_dtype, trans_a=True)
   z_ref[...] = jnp.sum(p, axis=0)
 
 
@@ -138,9 +138,9 @@ def _causal_fwd_kernel(xq_ref, xk_ref, rk_ref, v_ref, qm_ref, cb_ref, w_ref, mp_
                                         mp_ref[...], blk)
   p = wgt * g
   sp, zp = sp_ref[...], zp_ref[...]
-  num = _fdot(p, v_ref[...], dt) + _fdot(qi, sp, dt)
+  num = fdot(p, v_ref[...], dt) + fdot(qi, sp, dt)
   den = jnp.sum(p, axis=1) + jnp.sum(qi * zp[None, :], axis=1)
-  inv = _inverse(den, qm_ref[...])
+  inv = inverse(den, qm_ref[...])
   o_ref[...] = num * inv[:, None]
   t_ref[...] = t
   inv_ref[...] = inv
@@ -151,14 +151,14 @@ def _query_state_kernel(xq_ref, t_ref, inv_ref, g_ref, o_ref, cb_ref, w_ref, q_r
   """Kernel C, one chunk of queries: ``Q [m]`` (floored at ``LOG_FLOOR``), ``A [m, dv]``,
   ``B [m]`` (module doc); queries with ``q / den = 0`` take no part."""
   dt = blk.feature_dtype
-  lq = _project(xq_ref[...], w_ref[...], dt) + cb_ref[...][None, :]
+  lq = project(xq_ref[...], w_ref[...], dt) + cb_ref[...][None, :]
   inv = inv_ref[...]
   lt = jnp.where(inv[:, None] > 0, lq - t_ref[...][:, None], -jnp.inf)
   qmax = jnp.maximum(jnp.max(lt, axis=0), LOG_FLOOR)
   e = jnp.exp(lt - qmax[None, :])
   gg, h = _cotangents(g_ref, o_ref, inv_ref)
   q_ref[...] = qmax
-  a_ref[...] = _fdot(e, gg, dt, trans_a=True)
+  a_ref[...] = fdot(e, gg, dt, trans_a=True)
   b_ref[...] = jnp.sum(e * h[:, None], axis=0)
 
 
@@ -172,19 +172,19 @@ def _causal_bwd_kernel(xq_ref, xk_ref, rk_ref, v_ref, g_ref, o_ref, t_ref, inv_r
                                            mp_ref[...], blk, t_ref[...])
   v = v_ref[...]
   gg, h = _cotangents(g_ref, o_ref, inv_ref)
-  wd = wgt * (_fdot(gg, v, dt, trans_b=True) + h[:, None])          # wgt_ij D_ij
+  wd = wgt * (fdot(gg, v, dt, trans_b=True) + h[:, None])          # wgt_ij D_ij
   kf = jnp.exp(lk + qs_ref[...][None, :])                           # exp(lk + Q) <= 1
   a_s, sp = as_ref[...], sp_ref[...]
-  dlq = (qn * _fdot(wd, kn, _wide(dt))
-         + qi * (_fdot(gg, sp, dt, trans_b=True) + h[:, None] * zp_ref[...][None, :]))
-  dlk = (kn * _fdot(wd, qn, _wide(dt), trans_a=True)
-         + kf * (_fdot(v, a_s, dt, trans_b=True) + bs_ref[...][None, :]))
-  dxq_ref[...] = _fdot(dlq, w, dt)
-  dxk_ref[...] = _fdot(dlk, w, dt)
+  dlq = (qn * fdot(wd, kn, _wide(dt))
+         + qi * (fdot(gg, sp, dt, trans_b=True) + h[:, None] * zp_ref[...][None, :]))
+  dlk = (kn * fdot(wd, qn, _wide(dt), trans_a=True)
+         + kf * (fdot(v, a_s, dt, trans_b=True) + bs_ref[...][None, :]))
+  dxq_ref[...] = fdot(dlq, w, dt)
+  dxk_ref[...] = fdot(dlk, w, dt)
   drk_ref[...] = jnp.sum(dlk, axis=1)
-  dv_ref[...] = _fdot(wgt * g, gg, dt, trans_a=True) + _fdot(kf, a_s, dt)
+  dv_ref[...] = fdot(wgt * g, gg, dt, trans_a=True) + fdot(kf, a_s, dt)
   xq, xk = xq_ref[...].astype(jnp.float32), xk_ref[...].astype(jnp.float32)
-  dw_ref[...] = _fdot(dlq, xq, dt, trans_a=True) + _fdot(dlk, xk, dt, trans_a=True)
+  dw_ref[...] = fdot(dlq, xq, dt, trans_a=True) + fdot(dlk, xk, dt, trans_a=True)
   dcol_ref[...] = jnp.sum(dlq, axis=0) + jnp.sum(dlk, axis=0)
 
 
@@ -207,23 +207,23 @@ def _with_column(s, z):
   return jnp.concatenate([s, z[..., None]], axis=-1)
 
 
-def _prefix_states(p: _Padded, cb, blk: Blocking):
+def _prefix_states(p: Padded, cb, blk: Blocking):
   """Kernel A and the exclusive prefix over chunks: ``M [bh, nc, m]``, ``S [bh, nc, m, dv]``,
   ``Z [bh, nc, m]``."""
   bh, n, d = p.xk.shape
   m, dv = p.w.shape[0], p.v.shape[-1]
   nc = n // blk.chunk
-  mc, u, z = _call(
+  mc, u, z = call(
       _key_state_kernel, blk, (bh, nc),
-      [_rows(blk, d), _rows(blk), _rows(blk, dv), _per_head(m), _shared(m, d)],
-      [_per_chunk(m), _per_chunk(m, dv), _per_chunk(m)],
-      [_f32(bh, nc, m), _f32(bh, nc, m, dv), _f32(bh, nc, m)])(p.xk, p.rk, p.v, cb, p.w)
+      [rows(blk, d), rows(blk), rows(blk, dv), per_head(m), shared(m, d)],
+      [per_chunk(m), per_chunk(m, dv), per_chunk(m)],
+      [f32_struct(bh, nc, m), f32_struct(bh, nc, m, dv), f32_struct(bh, nc, m)])(p.xk, p.rk, p.v, cb, p.w)
   mp, sz = _exclusive_merge(mc, _with_column(u, z))
   return mp, sz[..., :-1], sz[..., -1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _causal_attend(p: _Padded, blk: Blocking):
+def _causal_attend(p: Padded, blk: Blocking):
   return _causal_attend_fwd(p, blk)[0]
 
 
@@ -232,12 +232,12 @@ def _causal_attend_fwd(p, blk):
   m, dv = p.w.shape[0], p.v.shape[-1]
   cb = p.col + p.colmask
   mp, sp, zp = _prefix_states(p, cb, blk)
-  out, t, inv = _call(
+  out, t, inv = call(
       _causal_fwd_kernel, blk, (bh, n // blk.chunk),
-      [_rows(blk, d), _rows(blk, d), _rows(blk), _rows(blk, dv), _rows(blk), _per_head(m),
-       _shared(m, d), _per_chunk(m), _per_chunk(m, dv), _per_chunk(m)],
-      [_rows(blk, dv), _rows(blk), _rows(blk)],
-      [_f32(bh, n, dv), _f32(bh, n), _f32(bh, n)])(
+      [rows(blk, d), rows(blk, d), rows(blk), rows(blk, dv), rows(blk), per_head(m),
+       shared(m, d), per_chunk(m), per_chunk(m, dv), per_chunk(m)],
+      [rows(blk, dv), rows(blk), rows(blk)],
+      [f32_struct(bh, n, dv), f32_struct(bh, n), f32_struct(bh, n)])(
           p.xq, p.xk, p.rk, p.v, p.qm, cb, p.w, mp, sp, zp)
   return out, (p, mp, sp, zp, out, t, inv)
 
@@ -248,23 +248,23 @@ def _causal_attend_bwd(blk, res, g):
   m, dv = p.w.shape[0], p.v.shape[-1]
   nc = n // blk.chunk
   cb = p.col + p.colmask
-  qc, ac, bc = _call(
+  qc, ac, bc = call(
       _query_state_kernel, blk, (bh, nc),
-      [_rows(blk, d), _rows(blk), _rows(blk), _rows(blk, dv), _rows(blk, dv), _per_head(m),
-       _shared(m, d)],
-      [_per_chunk(m), _per_chunk(m, dv), _per_chunk(m)],
-      [_f32(bh, nc, m), _f32(bh, nc, m, dv), _f32(bh, nc, m)])(
+      [rows(blk, d), rows(blk), rows(blk), rows(blk, dv), rows(blk, dv), per_head(m),
+       shared(m, d)],
+      [per_chunk(m), per_chunk(m, dv), per_chunk(m)],
+      [f32_struct(bh, nc, m), f32_struct(bh, nc, m, dv), f32_struct(bh, nc, m)])(
           p.xq, t, inv, g, out, cb, p.w)
   qs, ab = _exclusive_merge(qc, _with_column(ac, bc), reverse=True)
-  dxq, dxk, drk, dv_, dw, dcol = _call(
+  dxq, dxk, drk, dv_, dw, dcol = call(
       _causal_bwd_kernel, blk, (bh, nc),
-      [_rows(blk, d), _rows(blk, d), _rows(blk), _rows(blk, dv), _rows(blk, dv), _rows(blk, dv),
-       _rows(blk), _rows(blk), _per_head(m), _shared(m, d), _per_chunk(m), _per_chunk(m, dv),
-       _per_chunk(m), _per_chunk(m), _per_chunk(m, dv), _per_chunk(m)],
-      [_rows(blk, d), _rows(blk, d), _rows(blk), _rows(blk, dv), _per_chunk(m, d),
-       _per_chunk(m)],
-      [_f32(bh, n, d), _f32(bh, n, d), _f32(bh, n), _f32(bh, n, dv), _f32(bh, nc, m, d),
-       _f32(bh, nc, m)])(
+      [rows(blk, d), rows(blk, d), rows(blk), rows(blk, dv), rows(blk, dv), rows(blk, dv),
+       rows(blk), rows(blk), per_head(m), shared(m, d), per_chunk(m), per_chunk(m, dv),
+       per_chunk(m), per_chunk(m), per_chunk(m, dv), per_chunk(m)],
+      [rows(blk, d), rows(blk, d), rows(blk), rows(blk, dv), per_chunk(m, d),
+       per_chunk(m)],
+      [f32_struct(bh, n, d), f32_struct(bh, n, d), f32_struct(bh, n), f32_struct(bh, n, dv), f32_struct(bh, nc, m, d),
+       f32_struct(bh, nc, m)])(
           p.xq, p.xk, p.rk, p.v, g, out, t, inv, cb, p.w, mp, sp, zp, qs, ab[..., :-1],
           ab[..., -1])
   zeros = jax.tree.map(jnp.zeros_like, p)
@@ -309,8 +309,8 @@ def causal_rf_attention_pallas(form: LogLinear, w, v, kv_mask=None, q_mask=None,
     raise ValueError(f"causal attention needs equal query and key lengths, got {n} and {l}.")
   if chunk_rows < 16 or chunk_rows & (chunk_rows - 1):
     raise ValueError(f"chunk_rows must be a power of two >= 16, got {chunk_rows!r}.")
-  c = min(chunk_rows, _pow2(n))
-  padded, lead, _, chunk = _prepare(form, w, v, kv_mask, q_mask, feature_dtype, c, c)
+  c = min(chunk_rows, pow2(n))
+  padded, lead, _, chunk = prepare(form, w, v, kv_mask, q_mask, feature_dtype, c, c)
   blk = Blocking(tile=chunk, chunk=chunk,
                  interpret=(not pallas_available()) if interpret is None else bool(interpret),
                  feature_dtype=jnp.dtype(feature_dtype), num_warps=int(num_warps))
