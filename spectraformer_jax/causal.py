@@ -270,6 +270,17 @@ def merge_log_states(left, right):
   return mm, s1 * jnp.exp(m1 - mm)[..., None] + s2 * jnp.exp(m2 - mm)[..., None]
 
 
+def exclusive_log_prefix(m, s, reverse: bool = False):
+  """Exclusive prefix (``reverse``: suffix) over chunks of log-stabilised states, merged by
+  ``merge_log_states`` in a parallel scan: ``m [B, nc, F]``, ``s [B, nc, F, D]`` -> the same
+  shapes; chunk ``c`` gets the merge of chunks ``< c`` (``> c``), ``(LOG_FLOOR, 0)`` if none."""
+  flip = (lambda t: jnp.flip(t, axis=1)) if reverse else (lambda t: t)
+  merged = jax.lax.associative_scan(merge_log_states, (flip(m), flip(s)), axis=1)
+  init = (jnp.full(m.shape[:1] + m.shape[2:], LOG_FLOOR, jnp.float32),
+          jnp.zeros(s.shape[:1] + s.shape[2:], jnp.float32))
+  return tuple(flip(exclusive_prefix(x, x0)) for x, x0 in zip(merged, init))
+
+
 def _log_outputs(lq, lk, km, v, sq, sk, m, s, precision):
   """``out_i exp(-t_i)`` of chunks given their exclusive states (``causal_log_attention`` doc).
 
@@ -296,13 +307,11 @@ def _causal_log_chunks(lq, lk, km, v, sq, sk, precision, schedule):
   one merged state.  Returns ``[B, nc, C, D]``.
   """
   lk = jnp.where(km[..., None], lk, LOG_FLOOR)
+  if schedule == "parallel":
+    m, s = exclusive_log_prefix(*_log_states(lk, km, v, sk, precision))
+    return _log_outputs(lq, lk, km, v, sq, sk, m, s, precision)
   bsz, f, d = lq.shape[0], lq.shape[-1], v.shape[-1]
   init = (jnp.full((bsz, f), LOG_FLOOR, jnp.float32), jnp.zeros((bsz, f, d), jnp.float32))
-  if schedule == "parallel":
-    merged = jax.lax.associative_scan(merge_log_states, _log_states(lk, km, v, sk, precision),
-                                      axis=1)
-    m, s = (exclusive_prefix(x, x0) for x, x0 in zip(merged, init))
-    return _log_outputs(lq, lk, km, v, sq, sk, m, s, precision)
 
   def body(state, xs):
     lqc, lkc, kmc, vc, sqc, skc = xs

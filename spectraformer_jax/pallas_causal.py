@@ -14,7 +14,7 @@ Forward (``causal_log_attention``'s stabilisation, exact):
 
 * kernel A, per chunk: column max ``m_r = max_j lk_jr`` and ``U_r = sum_j exp(lk_jr - m_r)
   [v_j, 1]``.  XLA merges them into the exclusive prefix ``(M, S, Z)`` of the keys of earlier
-  chunks (``causal.merge_log_states`` by a parallel scan).
+  chunks (``causal.exclusive_log_prefix``, a parallel scan).
 * kernel B, per chunk: ``a_i = max_r lq_ir``, ``b_j = max_r lk_jr``, ``G = exp(lq - a)
   exp(lk - b)^T`` (``[C, C]``), the kept intra-chunk terms ``ok_ij`` (causal, unmasked key,
   ``G_ij > UNDERFLOW``), the shift ``T_i = max(max_r (lq_ir + M_r), max_{ok} (a_i + b_j +
@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from spectraformer_jax.causal import LOG_FLOOR, exclusive_prefix, merge_log_states
+from spectraformer_jax.causal import LOG_FLOOR, exclusive_log_prefix
 from spectraformer_jax.components import LogLinear
 from spectraformer_jax.linear import UNDERFLOW
 from spectraformer_jax.pallas_attention import pallas_available
@@ -191,17 +191,6 @@ def _causal_bwd_kernel(xq_ref, xk_ref, rk_ref, v_ref, g_ref, o_ref, t_ref, inv_r
 # ----------------------------------------------------------------------------- XLA glue
 
 
-def _exclusive_merge(mx, s, reverse: bool = False):
-  """Exclusive prefix (``reverse``: suffix) over chunks of log-stabilised states, merged by
-  ``causal.merge_log_states``: ``mx [bh, nc, m]``, ``s [bh, nc, m, k]`` -> the same shapes;
-  chunk ``c`` gets the merge of chunks ``< c`` (``> c``), ``(LOG_FLOOR, 0)`` if none."""
-  flip = (lambda t: jnp.flip(t, axis=1)) if reverse else (lambda t: t)
-  merged = jax.lax.associative_scan(merge_log_states, (flip(mx), flip(s)), axis=1)
-  init = (jnp.full(mx.shape[:1] + mx.shape[2:], LOG_FLOOR, jnp.float32),
-          jnp.zeros(s.shape[:1] + s.shape[2:], jnp.float32))
-  return tuple(flip(exclusive_prefix(x, x0)) for x, x0 in zip(merged, init))
-
-
 def _with_column(s, z):
   """``[s, z]``: ``s [..., m, dv]``, ``z [..., m]`` -> ``[..., m, dv + 1]``."""
   return jnp.concatenate([s, z[..., None]], axis=-1)
@@ -218,7 +207,7 @@ def _prefix_states(p: Padded, cb, blk: Blocking):
       [rows(blk, d), rows(blk), rows(blk, dv), per_head(m), shared(m, d)],
       [per_chunk(m), per_chunk(m, dv), per_chunk(m)],
       [f32_struct(bh, nc, m), f32_struct(bh, nc, m, dv), f32_struct(bh, nc, m)])(p.xk, p.rk, p.v, cb, p.w)
-  mp, sz = _exclusive_merge(mc, _with_column(u, z))
+  mp, sz = exclusive_log_prefix(mc, _with_column(u, z))
   return mp, sz[..., :-1], sz[..., -1]
 
 
@@ -255,7 +244,7 @@ def _causal_attend_bwd(blk, res, g):
       [per_chunk(m), per_chunk(m, dv), per_chunk(m)],
       [f32_struct(bh, nc, m), f32_struct(bh, nc, m, dv), f32_struct(bh, nc, m)])(
           p.xq, t, inv, g, out, cb, p.w)
-  qs, ab = _exclusive_merge(qc, _with_column(ac, bc), reverse=True)
+  qs, ab = exclusive_log_prefix(qc, _with_column(ac, bc), reverse=True)
   dxq, dxk, drk, dv_, dw, dcol = call(
       _causal_bwd_kernel, blk, (bh, nc),
       [rows(blk, d), rows(blk, d), rows(blk), rows(blk, dv), rows(blk, dv), rows(blk, dv),

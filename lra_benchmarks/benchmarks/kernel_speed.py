@@ -138,16 +138,21 @@ def accuracy(n: int, args) -> dict:
   return result
 
 
-def parse_config(text: str) -> list[tuple[int, ...]]:
-  """``"128:512:4,64:512:4:3"`` -> ``[(128, 512, 4), (64, 512, 4, 3)]``
-  (tile:chunk:warps[:stages])."""
+def _parse_colon_ints(text: str, sizes: tuple[int, ...], form: str) -> list[tuple[int, ...]]:
+  """Comma-separated items of ``sizes`` colon-separated integers, e.g. ``"64:4,128:8"``."""
   configs = []
   for item in common.parse_list(text):
     parts = item.split(":")
-    if len(parts) not in (3, 4):
-      raise ValueError(f"a pallas config is tile:chunk:warps[:stages], got {item!r}.")
+    if len(parts) not in sizes:
+      raise ValueError(f"a {form}, got {item!r}.")
     configs.append(tuple(int(p) for p in parts))
   return configs
+
+
+def parse_config(text: str) -> list[tuple[int, ...]]:
+  """``"128:512:4,64:512:4:3"`` -> ``[(128, 512, 4), (64, 512, 4, 3)]``
+  (tile:chunk:warps[:stages])."""
+  return _parse_colon_ints(text, (3, 4), "pallas config is tile:chunk:warps[:stages]")
 
 
 def run(args) -> dict:
@@ -299,15 +304,9 @@ def causal_accuracy(n: int, args) -> dict:
   return result
 
 
-def parse_causal_config(text: str) -> list[tuple[int, int]]:
+def parse_causal_config(text: str) -> list[tuple[int, ...]]:
   """``"64:4,128:8"`` -> ``[(64, 4), (128, 8)]`` (chunk:warps of the causal Pallas kernels)."""
-  configs = []
-  for item in common.parse_list(text):
-    parts = item.split(":")
-    if len(parts) != 2:
-      raise ValueError(f"a causal pallas config is chunk:warps, got {item!r}.")
-    configs.append((int(parts[0]), int(parts[1])))
-  return configs
+  return _parse_colon_ints(text, (2,), "causal pallas config is chunk:warps")
 
 
 def run_causal(args) -> dict:
